@@ -1,0 +1,260 @@
+"""CTR model architectures: DCN-v2, DeepFM and our behaviour-sequence model "seed".
+
+:func:`build_model` turns a :class:`~ctredge.features.FeatureSpec` and a
+:class:`ModelConfig` into a Keras 3 functional model whose inputs are named as
+``spec.input_signature()`` says (``dense`` float32 ``[B, n_dense]``, ``cat`` int64
+``[B, n_cat]``, ``hist`` int64 ``[B, L]``; each only when the spec has it) and
+whose one output, ``ctr``, is the float32 click probability ``[B, 1]``.  Call it
+with a feed dict ``{"dense": ..., "cat": ..., "hist": ...}``.
+
+Shared by every architecture: the dense transform (signed log1p / identity, NaN
+filled by a learned value) and one shared embedding table for all categorical
+features and the history (see :mod:`ctredge.train.layers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from ctredge.errors import ConfigError
+from ctredge.features import INPUT_CAT, INPUT_DENSE, INPUT_HIST, OUTPUT_CTR, FeatureSpec
+from ctredge.train import layers as L
+
+MODELS = ("dcnv2", "deepfm", "seed")
+HISTORY_POOLINGS = ("attention", "mean")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture settings (saved as ``model_config.json``); defaults suit 2 CPU cores.
+
+    ``model``: ``dcnv2`` | ``deepfm`` | ``seed``.  ``embedding_dim``: width of every
+    embedding row.  ``cross_layers`` / ``cross_rank`` (0 = full matrix): DCN-v2's
+    cross network.  ``mlp_units``: the deep tower of dcnv2 and deepfm.  ``dropout``:
+    after each hidden layer.  ``history_pooling``: ``attention`` (DIN) or ``mean``,
+    for dcnv2 and deepfm.  ``attention_units``: DIN's scoring MLP.
+    ``conv_filters`` / ``conv_kernel`` / ``seed_mlp``: the seed model.
+    ``missing_indicator``: append a 0/1 "was NaN" column per dense feature.
+
+    Raises:
+        ConfigError: a value out of range or of the wrong type.
+    """
+
+    model: str = "dcnv2"
+    embedding_dim: int = 16
+    cross_layers: int = 3
+    cross_rank: int = 0
+    mlp_units: tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+    history_pooling: str = "attention"
+    attention_units: tuple[int, ...] = (32,)
+    conv_filters: int = 32
+    conv_kernel: int = 3
+    seed_mlp: tuple[int, ...] = (128, 64)
+    missing_indicator: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"model: expected one of {MODELS}, got {self.model!r}")
+        if self.history_pooling not in HISTORY_POOLINGS:
+            raise ConfigError(f"history_pooling: expected one of {HISTORY_POOLINGS}, got {self.history_pooling!r}")
+        _check_int("embedding_dim", self.embedding_dim, 1)
+        _check_int("cross_layers", self.cross_layers, 0)
+        _check_int("cross_rank", self.cross_rank, 0)
+        _check_int("conv_filters", self.conv_filters, 1)
+        _check_int("conv_kernel", self.conv_kernel, 1)
+        for name, allow_empty in (("mlp_units", True), ("attention_units", True), ("seed_mlp", False)):
+            object.__setattr__(self, name, _check_units(name, getattr(self, name), allow_empty))
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.missing_indicator, bool):
+            raise ConfigError(f"missing_indicator: expected true or false, got {self.missing_indicator!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_units(name: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
+    """Layer widths as a tuple of positive ints (a JSON list is accepted)."""
+    what = "a list of integers >= 1" + ("" if allow_empty else " (at least one)")
+    if not isinstance(value, (tuple, list)) or (not value and not allow_empty):
+        raise ConfigError(f"{name}: expected {what}, got {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConfigError(f"{name}: expected {what}, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+# ------------------------------------------------------------------ building blocks
+def _mlp(x: Any, units: tuple[int, ...], dropout: float, prefix: str) -> Any:
+    for i, u in enumerate(units):
+        x = keras.layers.Dense(u, activation="relu", name=f"{prefix}_dense_{i}")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=f"{prefix}_dropout_{i}")(x)
+    return x
+
+
+def _concat(parts: list[Any], name: str, axis: int = -1) -> Any:
+    return parts[0] if len(parts) == 1 else keras.layers.Concatenate(axis=axis, name=name)(parts)
+
+
+class _Features:
+    """The model's inputs and the tensors every architecture starts from."""
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
+        self.spec = spec
+        self.inputs: dict[str, Any] = {
+            name: keras.Input(shape=shape[1:], dtype=dtype, name=name)
+            for name, (dtype, shape) in spec.input_signature().items()
+        }
+        self.dense = None  # [B, n_dense(*2)]
+        if spec.dense:
+            self.dense = L.DenseTransform([f.transform for f in spec.dense], cfg.missing_indicator,
+                                          name="dense_transform")(self.inputs[INPUT_DENSE])
+        self.cat_emb = self.hist_emb = self.hist_ids = self.item_emb = None
+        if spec.cat:
+            item = spec.item_feature_index
+            table = L.SharedEmbedding(spec.total_buckets, cfg.embedding_dim, spec.offsets.tolist(),
+                                      hist_offset=None if item is None else int(spec.offsets[item]),
+                                      name="embedding")
+            if spec.history is None:
+                self.cat_emb = table(self.inputs[INPUT_CAT])  # [B, n_cat, d]
+            else:
+                self.hist_ids = self.inputs[INPUT_HIST]
+                self.cat_emb, self.hist_emb = table([self.inputs[INPUT_CAT], self.hist_ids])
+                self.item_emb = L.SelectFields(item, name="candidate_item")(self.cat_emb)  # [B, d]
+
+    def flat_cat(self) -> Any:
+        return keras.layers.Flatten(name="cat_flat")(self.cat_emb)
+
+    def history_vector(self, cfg: ModelConfig) -> Any:
+        """The pooled history ``[B, d]`` (DIN attention or masked mean), or None."""
+        if self.hist_emb is None:
+            return None
+        if cfg.history_pooling == "attention":
+            return L.TargetAttention(cfg.attention_units, name="history_attention")(
+                [self.item_emb, self.hist_emb, self.hist_ids])
+        return L.MaskedMeanPooling(name="history_mean")([self.hist_emb, self.hist_ids])
+
+
+# ------------------------------------------------------------------ architectures
+def _dcnv2(f: _Features, cfg: ModelConfig) -> Any:
+    """DCN-v2 (Wang et al. 2021), stacked: [embeddings, dense, history] -> cross -> MLP -> logit."""
+    parts = []
+    if f.cat_emb is not None:
+        parts.append(f.flat_cat())
+    if f.dense is not None:
+        parts.append(f.dense)
+    hist = f.history_vector(cfg)
+    if hist is not None:
+        parts.append(hist)
+    x0 = _concat(parts, "dcn_input")
+    x = x0
+    for i in range(cfg.cross_layers):
+        x = L.CrossLayer(cfg.cross_rank, name=f"cross_{i}")([x0, x])
+    x = _mlp(x, cfg.mlp_units, cfg.dropout, "deep")
+    return keras.layers.Dense(1, name="logit")(x)
+
+
+def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
+    """DeepFM (Guo et al. 2017): first order + FM over field embeddings + deep MLP, summed logits."""
+    linear_in, fields = [], []
+    if f.cat_emb is not None:
+        w = L.SharedEmbedding(spec.total_buckets, 1, spec.offsets.tolist(), name="first_order")(f.inputs[INPUT_CAT])
+        linear_in.append(keras.layers.Flatten(name="first_order_flat")(w))  # [B, n_cat]
+        fields.append(f.cat_emb)
+    if f.dense is not None:
+        linear_in.append(f.dense)
+        fields.append(L.DenseFieldEmbedding(cfg.embedding_dim, name="dense_fields")(f.dense))
+    hist = f.history_vector(cfg)
+    if hist is not None:
+        fields.append(keras.layers.Reshape((1, cfg.embedding_dim), name="history_field")(hist))
+    first = keras.layers.Dense(1, name="first_order_logit")(_concat(linear_in, "first_order_input"))
+    field_tensor = _concat(fields, "fields", axis=1)  # [B, F, d]
+    second = L.FMInteraction(name="fm")(field_tensor)
+    deep = _mlp(keras.layers.Flatten(name="fields_flat")(field_tensor), cfg.mlp_units, cfg.dropout, "deep")
+    deep = keras.layers.Dense(1, name="deep_logit")(deep)
+    return keras.layers.Add(name="logit")([first, second, deep])
+
+
+def _seed(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
+    """Our behaviour-sequence model "seed".
+
+    The history embeddings ``[B, L, d]`` and the candidate item's field embeddings
+    (the ``item``-side cat features, always including the history's item feature,
+    ``[B, n_item, d]``) each go through their own Conv1D (``conv_filters``,
+    ``conv_kernel``, same padding, ReLU) and a max-pool over positions (masked for
+    the history: padding never wins, an empty history pools to 0).  Those two vectors
+    are concatenated with the flattened user/context embeddings and the transformed
+    dense features, then Dense ``seed_mlp`` (128 -> 64) -> 1 logit.  The original
+    design pooled only history and item; without the user/context fields and dense
+    features the model cannot learn effects such as position bias or a user's base
+    click rate, so they are part of the MLP input.
+    """
+    item_idx = sorted(set(spec.columns("cat", "item")) | {spec.item_feature_index})
+    other_idx = [j for j in range(spec.n_cat) if j not in item_idx]
+    conv = dict(kernel_size=cfg.conv_kernel, padding="same", activation="relu")
+    hist = keras.layers.Conv1D(cfg.conv_filters, name="history_conv", **conv)(f.hist_emb)
+    hist = L.MaskedMaxPooling(name="history_maxpool")([hist, f.hist_ids])
+    item = L.SelectFields(item_idx, name="item_fields")(f.cat_emb)
+    item = keras.layers.Conv1D(cfg.conv_filters, name="item_conv", **conv)(item)
+    item = L.MaskedMaxPooling(name="item_maxpool")(item)
+    parts = [hist, item]
+    if other_idx:
+        ctx = L.SelectFields(other_idx, name="user_context_fields")(f.cat_emb)
+        parts.append(keras.layers.Flatten(name="user_context_flat")(ctx))
+    if f.dense is not None:
+        parts.append(f.dense)
+    x = _mlp(_concat(parts, "seed_input"), cfg.seed_mlp, cfg.dropout, "seed")
+    return keras.layers.Dense(1, name="logit")(x)
+
+
+def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Model:
+    """Build the (uncompiled) Keras model for ``spec``.
+
+    Takes: the feature contract and a :class:`ModelConfig` (default: dcnv2).
+    Returns: a functional ``keras.Model`` with inputs named as
+    ``spec.input_signature()`` (a dict feed) and one output ``ctr`` (sigmoid,
+    float32 ``[B, 1]``).
+
+    Raises:
+        ConfigError: ``cfg`` is not a ModelConfig, or the architecture does not fit
+            the spec (``seed`` needs a behaviour history).
+    """
+    cfg = ModelConfig() if cfg is None else cfg
+    if not isinstance(cfg, ModelConfig):
+        raise ConfigError(f"build_model: expected a ModelConfig, got {type(cfg).__name__}")
+    if not isinstance(spec, FeatureSpec):
+        raise ConfigError(f"build_model: expected a FeatureSpec, got {type(spec).__name__}")
+    if cfg.model == "seed" and spec.history is None:
+        raise ConfigError("model 'seed': seed needs a behaviour history, but this FeatureSpec declares none "
+                          "(history is None); declare a history or use model 'dcnv2' or 'deepfm'")
+    f = _Features(spec, cfg)
+    if cfg.model == "dcnv2":
+        logit = _dcnv2(f, cfg)
+    elif cfg.model == "deepfm":
+        logit = _deepfm(f, spec, cfg)
+    else:
+        logit = _seed(f, spec, cfg)
+    ctr = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_CTR)(logit)
+    return keras.Model(inputs=f.inputs, outputs=ctr, name=f"ctredge_{cfg.model}")
+
+
+def model_summary(model: keras.Model) -> dict[str, int]:
+    """Parameter counts for the manifest.
+
+    Takes a Keras model.  Returns ``{"total", "embedding", "dense"}``: all weights,
+    those of :class:`~ctredge.train.layers.SharedEmbedding` tables (the rows
+    compression targets), and the rest.
+    """
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    embedding = sum(int(np.prod(w.shape)) for layer in model.layers if isinstance(layer, L.SharedEmbedding)
+                    for w in layer.weights)
+    return {"total": total, "embedding": embedding, "dense": total - embedding}
