@@ -45,14 +45,14 @@ class Source:
 def _signature(spec: FeatureSpec) -> tuple[dict[str, tf.TensorSpec], tf.TensorSpec]:
     feeds = {name: tf.TensorSpec(shape=shape, dtype=dt, name=name)
              for name, (dt, shape) in spec.input_signature().items()}
-    return feeds, tf.TensorSpec(shape=(None,), dtype=tf.float32)
+    return feeds, tf.TensorSpec(shape=(None, 1), dtype=tf.float32)
 
 
 def _minibatches(batch: Batch, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[dict, np.ndarray]]:
     order = rng.permutation(len(batch))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield {k: v[idx] for k, v in batch.feeds.items()}, batch.labels[idx]
+        yield {k: v[idx] for k, v in batch.feeds.items()}, batch.labels[idx].reshape(-1, 1)
 
 
 def train_dataset(

@@ -168,9 +168,8 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     exact = _ExactValidation(valid, cfg.verbose)
     stopper = keras.callbacks.EarlyStopping(monitor="val_auc_exact", mode="max", patience=cfg.patience,
                                             restore_best_weights=True, verbose=0)
-    steps = None if n_train is None else -(-n_train // cfg.batch_size)
     t0 = time.perf_counter()
-    hist = model.fit(ds, epochs=cfg.epochs, steps_per_epoch=steps, callbacks=[exact, stopper],
+    hist = model.fit(ds, epochs=cfg.epochs, callbacks=[exact, stopper], shuffle=False,
                      verbose=cfg.verbose)
     train_seconds = time.perf_counter() - t0
     epochs_run = len(hist.history.get("loss", []))
