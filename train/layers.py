@@ -109,39 +109,67 @@ class SharedEmbedding(keras.layers.Layer):
     per-feature offsets of TorchRec's ``KeyedJaggedTensor``).  Ids must lie in
     ``[0, buckets_j)``; an out-of-range id is an error in TensorFlow and ONNX Runtime.
 
+    Vocabulary pruning (``kept_rows``, set by :mod:`ctredge.compress.prune`): the
+    table keeps only ``kept_rows`` physical rows and a non-trainable int32 lookup
+    ``remap`` (``[total_buckets]``, global row -> physical row) is gathered first::
+
+        cat_emb[b, j] = E[remap[offsets[j] + cat[b, j]]]
+
+    so the input contract (ids in ``[0, buckets_j)``) is unchanged, pruned buckets
+    share their feature's reserved row 0, and the float table stays the direct data
+    input of its own ``Gather`` (what row-wise embedding quantization rewrites).
+    The remap costs 4 bytes per bucket against ``4 * dim`` per dropped row.
+
     Takes: ``total_buckets``, ``dim``, ``offsets`` (one per cat feature),
-    ``hist_offset`` (None when there is no history), ``embeddings_initializer``.
+    ``hist_offset`` (None when there is no history), ``embeddings_initializer``,
+    ``kept_rows`` (None = no remap, the table has ``total_buckets`` rows).
     Input ``cat`` int ``[B, n_cat]`` or ``[cat, hist]``; output the embedding(s).
     """
 
     def __init__(self, total_buckets: int, dim: int, offsets: Sequence[int], hist_offset: int | None = None,
-                 embeddings_initializer: Any = "uniform", **kwargs: Any) -> None:
+                 embeddings_initializer: Any = "uniform", kept_rows: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.total_buckets = int(total_buckets)
         self.dim = int(dim)
         self.offsets = [int(o) for o in offsets]
         self.hist_offset = None if hist_offset is None else int(hist_offset)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.kept_rows = None if kept_rows is None else int(kept_rows)
+        self.remap = None
         if self.total_buckets < 1 or self.dim < 1 or not self.offsets:
             raise ValueError(f"SharedEmbedding: need total_buckets >= 1, dim >= 1 and offsets, got "
                              f"{self.total_buckets}, {self.dim}, {self.offsets}")
+        if self.kept_rows is not None and not 1 <= self.kept_rows <= self.total_buckets:
+            raise ValueError(f"SharedEmbedding: kept_rows must be in [1, total_buckets={self.total_buckets}] "
+                             f"or None, got {kept_rows}")
 
     def build(self, input_shape: Any) -> None:
-        self.embeddings = self.add_weight(name="embeddings", shape=(self.total_buckets, self.dim),
+        rows = self.total_buckets if self.kept_rows is None else self.kept_rows
+        self.embeddings = self.add_weight(name="embeddings", shape=(rows, self.dim),
                                           initializer=self.embeddings_initializer)
+        self.remap = None
+        if self.kept_rows is not None:  # filled in by the pruner; zeros (all -> row 0) is a valid start
+            self.remap = self.add_weight(name="remap", shape=(self.total_buckets,), dtype="int32",
+                                         initializer="zeros", trainable=False)
+
+    def _lookup(self, rows: tf.Tensor) -> tf.Tensor:
+        """``E[rows]``, through the remap when the vocabulary was pruned."""
+        if self.remap is not None:
+            rows = tf.gather(self.remap, rows)
+        return tf.gather(self.embeddings, rows)
 
     def call(self, inputs: Any) -> Any:
         with_hist = isinstance(inputs, (list, tuple))
         cat = inputs[0] if with_hist else inputs
         offsets = tf.constant(self.offsets, dtype=cat.dtype)
-        cat_emb = tf.gather(self.embeddings, cat + offsets)
+        cat_emb = self._lookup(cat + offsets)
         if not with_hist:
             return cat_emb
         if self.hist_offset is None:
             raise ValueError("SharedEmbedding: got a history but hist_offset is None")
         hist = inputs[1]
         rows = hist + tf.constant(self.hist_offset, hist.dtype) if self.hist_offset else hist
-        hist_emb = tf.gather(self.embeddings, rows) * tf.expand_dims(_valid_mask(hist, cat_emb.dtype), -1)
+        hist_emb = self._lookup(rows) * tf.expand_dims(_valid_mask(hist, cat_emb.dtype), -1)
         return cat_emb, hist_emb
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -152,7 +180,8 @@ class SharedEmbedding(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "total_buckets": self.total_buckets, "dim": self.dim,
                 "offsets": list(self.offsets), "hist_offset": self.hist_offset,
-                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer)}
+                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+                "kept_rows": self.kept_rows}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

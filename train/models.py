@@ -39,6 +39,8 @@ class ModelConfig:
     for dcnv2 and deepfm.  ``attention_units``: DIN's scoring MLP.
     ``conv_filters`` / ``conv_kernel`` / ``seed_mlp``: the seed model.
     ``missing_indicator``: append a 0/1 "was NaN" column per dense feature.
+    ``vocab_rows``: physical rows of the shared embedding table(s) after vocabulary
+    pruning (0 = every bucket has its own row, no remap; see ``SharedEmbedding``).
 
     Raises:
         ConfigError: a value out of range or of the wrong type.
@@ -56,6 +58,7 @@ class ModelConfig:
     conv_kernel: int = 3
     seed_mlp: tuple[int, ...] = (128, 64)
     missing_indicator: bool = False
+    vocab_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -67,6 +70,7 @@ class ModelConfig:
         _check_int("cross_rank", self.cross_rank, 0)
         _check_int("conv_filters", self.conv_filters, 1)
         _check_int("conv_kernel", self.conv_kernel, 1)
+        _check_int("vocab_rows", self.vocab_rows, 0)
         for name, allow_empty in (("mlp_units", True), ("attention_units", True), ("seed_mlp", False)):
             object.__setattr__(self, name, _check_units(name, getattr(self, name), allow_empty))
         if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
@@ -123,7 +127,7 @@ class _Features:
             item = spec.item_feature_index
             table = L.SharedEmbedding(spec.total_buckets, cfg.embedding_dim, spec.offsets.tolist(),
                                       hist_offset=None if item is None else int(spec.offsets[item]),
-                                      name="embedding")
+                                      kept_rows=cfg.vocab_rows or None, name="embedding")
             if spec.history is None:
                 self.cat_emb = table(self.inputs[INPUT_CAT])  # [B, n_cat, d]
             else:
@@ -167,7 +171,8 @@ def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     """DeepFM (Guo et al. 2017): first order + FM over field embeddings + deep MLP, summed logits."""
     linear_in, fields = [], []
     if f.cat_emb is not None:
-        w = L.SharedEmbedding(spec.total_buckets, 1, spec.offsets.tolist(), name="first_order")(f.inputs[INPUT_CAT])
+        w = L.SharedEmbedding(spec.total_buckets, 1, spec.offsets.tolist(), kept_rows=cfg.vocab_rows or None,
+                              name="first_order")(f.inputs[INPUT_CAT])
         linear_in.append(keras.layers.Flatten(name="first_order_flat")(w))  # [B, n_cat]
         fields.append(f.cat_emb)
     if f.dense is not None:
@@ -233,6 +238,9 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
         raise ConfigError(f"build_model: expected a ModelConfig, got {type(cfg).__name__}")
     if not isinstance(spec, FeatureSpec):
         raise ConfigError(f"build_model: expected a FeatureSpec, got {type(spec).__name__}")
+    if cfg.vocab_rows > spec.total_buckets:
+        raise ConfigError(f"vocab_rows: expected at most the spec's {spec.total_buckets} buckets "
+                          f"(0 = no vocabulary pruning), got {cfg.vocab_rows}")
     if cfg.model == "seed" and spec.history is None:
         raise ConfigError("model 'seed': seed needs a behaviour history, but this FeatureSpec declares none "
                           "(history is None); declare a history or use model 'dcnv2' or 'deepfm'")
@@ -250,11 +258,12 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
 def model_summary(model: keras.Model) -> dict[str, int]:
     """Parameter counts for the manifest.
 
-    Takes a Keras model.  Returns ``{"total", "embedding", "dense"}``: all weights,
-    those of :class:`~ctredge.train.layers.SharedEmbedding` tables (the rows
-    compression targets), and the rest.
+    Takes a Keras model.  Returns ``{"total", "embedding", "remap", "dense"}``: all
+    weights, the rows of :class:`~ctredge.train.layers.SharedEmbedding` tables (what
+    compression targets), their int32 vocabulary remaps (0 unless pruned), and the rest.
     """
     total = sum(int(np.prod(w.shape)) for w in model.weights)
-    embedding = sum(int(np.prod(w.shape)) for layer in model.layers if isinstance(layer, L.SharedEmbedding)
-                    for w in layer.weights)
-    return {"total": total, "embedding": embedding, "dense": total - embedding}
+    tables = [layer for layer in model.layers if isinstance(layer, L.SharedEmbedding)]
+    embedding = sum(int(np.prod(t.embeddings.shape)) for t in tables)
+    remap = sum(int(np.prod(t.remap.shape)) for t in tables if t.remap is not None)
+    return {"total": total, "embedding": embedding, "remap": remap, "dense": total - embedding - remap}

@@ -1,0 +1,665 @@
+"""Pruning of a trained Keras CTR model: vocabulary, structured and unstructured, fine-tuned.
+
+``prune(trained_dir, out_dir, PruneConfig(...))`` reads a ``train`` (or ``prune``)
+artifact, re-reads exactly its train/valid/test rows from the recorded data plan
+and writes a ``prune`` artifact with the same layout (``model.keras``,
+``feature_spec.json``, ``train_config.json``, ``model_config.json`` describing the
+smaller architecture, ``prune_config.json``, ``manifest.json``), so
+``load_trained`` and ``ctredge.export.onnx.export`` take it unchanged.  Pure
+Keras 3: no tensorflow-model-optimization (legacy Keras only), no wrapper layers.
+
+The steps, in order:
+
+1. **Vocabulary** (``vocab_min_count`` = N > 0): every bucket of every categorical
+   feature (and every non-padding history id, in the item feature's rows) is
+   counted over the training rows; buckets seen fewer than N times collapse onto
+   their feature's reserved row 0.  The embedding table keeps only the surviving
+   rows and an int32 ``remap`` (global row -> new row) is gathered before it
+   (``SharedEmbedding(kept_rows=...)``), so the ``cat`` input contract does not change.
+2. **Structured** (``structured`` = f): each hidden layer of the deep MLP keeps
+   its ``round((1 - f) * units)`` highest-scoring units.  A unit's score is
+   ``||[w_in; b]||_2 * ||w_out||_2`` (incoming kernel column plus bias, times the
+   outgoing kernel row): ReLU is positively homogeneous, so scaling a unit's
+   incoming weights by ``c`` and its outgoing ones by ``1/c`` changes neither the
+   function nor this product, while either norm alone would change.  DCN-v2's
+   cross layers get rank ``r`` through a truncated SVD of ``W`` (``W ~= V U``,
+   the Eckart-Young optimum): a full ``D x D`` kernel becomes rank
+   ``round((1 - f) * D / 2)`` and a rank-``r`` one rank ``round((1 - f) * r)``,
+   so a cross layer keeps about ``1 - f`` of its kernel parameters.  A physically
+   smaller model is rebuilt with ``build_model`` and the surviving weights copied.
+3. **Unstructured** (``sparsity`` = s_f): the kernels of Dense, Conv1D, cross and
+   attention layers with at least :data:`MIN_PRUNABLE` weights (never embeddings
+   or biases) follow the polynomial schedule of Zhu & Gupta ("To prune, or not to
+   prune", 2017), ``s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (T - t_0))**3``
+   with ``s_i = 0``, during fine-tuning.  Every ``frequency`` steps each layer's
+   mask is recomputed (its ``round(s_t * n)`` smallest ``|w|`` are zeroed, i.e.
+   ``|w| >= `` the layer's threshold survive); between updates the mask is applied
+   after every optimizer step through the variable's constraint, so pruned
+   weights stay exactly 0.  At the end the masks are applied once more and
+   dropped: the saved model holds plain layers with exact zeros.
+4. **Fine-tuning**: Adam on binary cross-entropy; once the schedule has reached
+   its final sparsity, the exact validation AUC (``ctredge.metrics.auc``) of each
+   epoch picks the best weights (early stopping with ``patience``); they are
+   restored and the masks re-applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import keras
+import numpy as np
+
+from ctredge import metrics as M
+from ctredge.artifacts import sha256_file, staged_dir, write_manifest
+from ctredge.config import config_to_dict, load_config, save_config
+from ctredge.errors import ArtifactError, ConfigError, DataError
+from ctredge.features import INPUT_CAT, INPUT_HIST, FeatureSpec
+from ctredge.reader import Batch, SplitSpec, iter_batches
+from ctredge.train import layers as L
+
+log = logging.getLogger("ctredge.compress")
+
+PRUNE_CONFIG_FILE = "prune_config.json"
+MIN_PRUNABLE = 100  # kernels with fewer weights are left dense: the target is reachable within 0.5/n
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of one pruning run (saved as ``prune_config.json``).
+
+    ``sparsity``: final fraction of zeros in each pruned kernel, in [0, 1).
+    ``structured``: fraction of hidden units removed from each MLP layer (and of
+    cross-layer kernel parameters, by rank), in [0, 1).  ``cross_rank``: force
+    this rank for DCN-v2's cross layers instead (0 = derive from ``structured``).
+    ``vocab_min_count``: embedding buckets seen fewer times in the training rows
+    share their feature's row 0 (0 = off).  ``epochs`` (0 = one-shot, no
+    fine-tuning), ``batch_size``, ``learning_rate``, ``patience``: fine-tuning.
+    ``begin_step`` / ``end_step`` / ``frequency``: the sparsity schedule in
+    optimizer steps; ``end_step = -1`` ends the ramp after the first half of the
+    epochs (``ceil(epochs / 2)``, at least one).  ``data``: click-log files that
+    replace the training files recorded in the parent's manifest (same content,
+    checked by sha256: e.g. the data moved).  ``seed``: shuffling and init.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range, naming the field,
+            what was expected and what came.
+    """
+
+    sparsity: float = 0.5
+    structured: float = 0.5
+    vocab_min_count: int = 0
+    cross_rank: int = 0
+    epochs: int = 3
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    patience: int = 1
+    begin_step: int = 0
+    end_step: int = -1
+    frequency: int = 100
+    seed: int = 0
+    data: tuple[str, ...] = ()
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("sparsity", "structured"):
+            _check_fraction(name, getattr(self, name))
+        _check_number("learning_rate", self.learning_rate, "a number > 0", lambda v: v > 0)
+        for name, minimum in (("vocab_min_count", 0), ("cross_rank", 0), ("epochs", 0), ("batch_size", 1),
+                              ("patience", 0), ("begin_step", 0), ("frequency", 1), ("end_step", -1),
+                              ("seed", 0), ("verbose", 0)):
+            _check_int(name, getattr(self, name), minimum)
+        if self.end_step != -1 and self.end_step <= self.begin_step:
+            raise ConfigError(f"prune: end_step: expected -1 (automatic) or an integer > begin_step="
+                              f"{self.begin_step}, got {self.end_step!r}")
+        if isinstance(self.data, (str, bytes)) or not isinstance(self.data, (tuple, list)) \
+                or not all(isinstance(p, str) and p for p in self.data):
+            raise ConfigError(f"prune: data: expected a list of file paths, got {self.data!r}")
+        object.__setattr__(self, "data", tuple(self.data))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"prune: {name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, what: str, ok: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"prune: {name}: expected {what}, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    _check_number(name, value, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+
+
+# ---------------------------------------------------------------------- schedule and masks
+def polynomial_sparsity(step: int, target: float, begin: int, end: int, initial: float = 0.0) -> float:
+    """Zhu & Gupta's sparsity at optimizer step ``step``.
+
+    ``initial`` before ``begin``, ``target`` from ``end`` on, and in between
+    ``target + (initial - target) * (1 - (step - begin) / (end - begin))**3``.
+    """
+    if step <= begin:
+        return float(initial)
+    if step >= end:
+        return float(target)
+    frac = (step - begin) / (end - begin)
+    return float(target + (initial - target) * (1.0 - frac) ** 3)
+
+
+def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep-mask (same shape, bool) zeroing exactly ``round(sparsity * n)`` smallest ``|w|``.
+
+    Equivalent to ``|w| >= threshold`` with the threshold at that order
+    statistic, but exact under ties (many exact zeros after earlier masks).
+    """
+    flat = np.abs(np.asarray(weights)).reshape(-1)
+    k = int(round(sparsity * flat.size))
+    keep = np.ones(flat.size, dtype=bool)
+    if k > 0:
+        keep[np.argpartition(flat, k - 1, kind="introselect")[:k]] = False
+    return keep.reshape(np.shape(weights))
+
+
+# ---------------------------------------------------------------------- vocabulary
+def count_rows(batches: Iterator[Batch], spec: FeatureSpec) -> tuple[np.ndarray, int]:
+    """How often each global embedding row is used: ``(counts [total_buckets], rows read)``.
+
+    Row ``offsets[j] + id`` counts feature ``j``'s id in ``cat``; every non-zero
+    ``hist`` id counts in the item feature's rows.
+    """
+    counts = np.zeros(spec.total_buckets, dtype=np.int64)
+    offsets = spec.offsets
+    rows = 0
+    for batch in batches:
+        rows += len(batch)
+        if spec.n_cat:
+            counts += np.bincount((batch.feeds[INPUT_CAT] + offsets).reshape(-1), minlength=spec.total_buckets)
+        if spec.history is not None:
+            hist = batch.feeds[INPUT_HIST]
+            ids = hist[hist != 0] + offsets[spec.item_feature_index]
+            counts += np.bincount(ids, minlength=spec.total_buckets)
+    return counts, rows
+
+
+def vocab_remap(counts: np.ndarray, spec: FeatureSpec, min_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows survive and where every global row goes.
+
+    Takes the per-row counts, the spec and N.  Returns ``(remap, kept)``:
+    ``kept`` the surviving global rows in order (each feature's row 0 always
+    survives), ``remap`` int32 ``[total_buckets]`` mapping a surviving row to its
+    new index and any other row to the new index of its feature's row 0.
+    """
+    total = spec.total_buckets
+    row0 = np.repeat(spec.offsets, spec.buckets)  # each global row's feature start
+    keep = counts >= min_count
+    keep[spec.offsets] = True
+    new_index = np.cumsum(keep) - 1
+    remap = new_index[np.where(keep, np.arange(total), row0)].astype(np.int32)
+    return remap, np.flatnonzero(keep)
+
+
+def _full_table(layer: Any) -> np.ndarray:
+    """A SharedEmbedding's table as ``[total_buckets, dim]`` (undoing an earlier remap)."""
+    table = layer.embeddings.numpy()
+    return table if layer.remap is None else table[layer.remap.numpy()]
+
+
+def _collapsed_rows(layer: Any, spec: FeatureSpec) -> np.ndarray:
+    """Global rows an earlier vocabulary pruning already sent to their feature's row 0."""
+    if layer.remap is None:
+        return np.zeros(spec.total_buckets, dtype=bool)
+    remap = layer.remap.numpy()
+    collapsed = remap == remap[np.repeat(spec.offsets, spec.buckets)]
+    collapsed[spec.offsets] = False
+    return collapsed
+
+
+# ---------------------------------------------------------------------- structured
+def unit_scores(w_in: np.ndarray, b_in: np.ndarray, w_out: np.ndarray) -> np.ndarray:
+    """Score of each hidden unit: ``||[w_in[:, k]; b_in[k]]||_2 * ||w_out[k, :]||_2``."""
+    incoming = np.sqrt((w_in ** 2).sum(axis=0) + b_in ** 2)
+    return incoming * np.linalg.norm(w_out, axis=1)
+
+
+def _mlp_chain(cfg: Any) -> tuple[str, tuple[int, ...], str, str]:
+    """``(config field, units, layer prefix, next layer after the last)`` of the deep MLP."""
+    if cfg.model == "seed":
+        return "seed_mlp", cfg.seed_mlp, "seed", "logit"
+    return "mlp_units", cfg.mlp_units, "deep", "logit" if cfg.model == "dcnv2" else "deep_logit"
+
+
+def _new_cross_rank(old_rank: int, dim: int, cfg: PruneConfig) -> int:
+    if cfg.cross_rank:
+        return cfg.cross_rank
+    if not cfg.structured:
+        return old_rank
+    if old_rank:
+        return max(1, int(round((1 - cfg.structured) * old_rank)))
+    rank = max(1, int(round((1 - cfg.structured) * dim / 2)))
+    return rank if 2 * dim * rank < dim * dim else 0  # low rank only when it is smaller
+
+
+def _cross_weights(layer: Any, new_rank: int) -> list[np.ndarray]:
+    """Weights of a rank-``new_rank`` cross layer approximating ``layer`` (truncated SVD)."""
+    bias = layer.bias.numpy()
+    if new_rank == layer.rank:
+        return layer.get_weights()
+    w = layer.kernel.numpy() if not layer.rank else layer.v.numpy() @ layer.u.numpy()
+    if not new_rank:
+        return [w, bias]
+    p, s, qt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    r = min(new_rank, s.size)
+    root = np.sqrt(s[:r])
+    v = np.zeros((w.shape[0], new_rank))
+    u = np.zeros((new_rank, w.shape[1]))
+    v[:, :r], u[:r] = p[:, :r] * root, root[:, None] * qt[:r]
+    return [v.astype(w.dtype), u.astype(w.dtype), bias]
+
+
+def shrink(model: Any, spec: FeatureSpec, model_cfg: Any, cfg: PruneConfig,
+           counts: np.ndarray | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Vocabulary + structured pruning, one shot, no training.
+
+    Takes the trained Keras model, its spec and ModelConfig, the PruneConfig and
+    the training-row counts of every global embedding row (needed when
+    ``vocab_min_count`` > 0).  Returns ``(smaller model, its ModelConfig, report)``;
+    the report lists the kept units, ranks and embedding rows.
+
+    Raises:
+        ArtifactError: the model does not have the layers its ModelConfig describes.
+        ConfigError: ``vocab_min_count`` > 0 without counts.
+    """
+    from ctredge.train.models import build_model
+
+    changes: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    tables = [layer for layer in model.layers if isinstance(layer, L.SharedEmbedding)]
+    remap = kept = None
+    if tables:
+        before_rows = int(tables[0].embeddings.shape[0])
+        if cfg.vocab_min_count:
+            if counts is None:
+                raise ConfigError("prune: vocab_min_count > 0 needs the training-row counts")
+            counts = np.where(_collapsed_rows(tables[0], spec), 0, counts)
+            remap, kept = vocab_remap(counts, spec, cfg.vocab_min_count)
+            changes["vocab_rows"] = int(kept.size) if kept.size < spec.total_buckets else 0
+            if not changes["vocab_rows"]:
+                remap = kept = None
+        after_rows = before_rows if not cfg.vocab_min_count else (
+            int(kept.size) if kept is not None else spec.total_buckets)
+        report["vocab_rows"] = {"before": before_rows, "after": after_rows, "buckets": spec.total_buckets}
+
+    field, units, prefix, last = _mlp_chain(model_cfg)
+    keeps: list[np.ndarray] = []
+    for i, u in enumerate(units):
+        layer = _layer(model, f"{prefix}_dense_{i}")
+        nxt = _layer(model, f"{prefix}_dense_{i + 1}" if i + 1 < len(units) else last)
+        w_in, b_in = layer.get_weights()
+        if keeps:
+            w_in = w_in[keeps[-1]]
+        n_keep = max(1, u - int(round(u * cfg.structured)))
+        scores = unit_scores(w_in, b_in, nxt.get_weights()[0])
+        keeps.append(np.sort(np.argsort(-scores, kind="stable")[:n_keep]))
+    changes[field] = tuple(int(k.size) for k in keeps)
+    report["units"] = {"before": list(units), "after": list(changes[field])}
+
+    if model_cfg.model == "dcnv2" and model_cfg.cross_layers:
+        dim = int(_layer(model, "cross_0").bias.shape[0])
+        changes["cross_rank"] = _new_cross_rank(model_cfg.cross_rank, dim, cfg)
+        report["cross_rank"] = {"before": model_cfg.cross_rank, "after": changes["cross_rank"], "width": dim}
+
+    new_cfg = dataclasses.replace(model_cfg, **changes)
+    new_model = build_model(spec, new_cfg)
+    chain = {f"{prefix}_dense_{i}": i for i in range(len(units))}
+    if units:
+        chain[last] = len(units)
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        target = _layer(new_model, layer.name)
+        if isinstance(layer, L.SharedEmbedding):
+            if not cfg.vocab_min_count:  # the parent's table (and remap, if any) as they are
+                weights = layer.get_weights()
+            else:
+                table = _full_table(layer)
+                weights = [table] if kept is None else [table[kept], remap]
+        elif isinstance(layer, L.CrossLayer):
+            weights = _cross_weights(layer, target.rank)
+        elif layer.name in chain:
+            i = chain[layer.name]
+            w, b = layer.get_weights()
+            if i > 0:
+                w = w[keeps[i - 1]]
+            if i < len(keeps):
+                w, b = w[:, keeps[i]], b[keeps[i]]
+            weights = [w, b]
+        else:
+            weights = layer.get_weights()
+        want = [tuple(v.shape) for v in target.weights]
+        if [tuple(w.shape) for w in weights] != want:
+            raise ArtifactError(f"layer {layer.name!r}: weights of shapes {[w.shape for w in weights]} do not "
+                                f"fit the rebuilt layer's {want}; does model_config.json describe model.keras?")
+        target.set_weights(weights)
+    return new_model, new_cfg, report
+
+
+def _layer(model: Any, name: str) -> Any:
+    try:
+        return model.get_layer(name)
+    except ValueError as exc:
+        raise ArtifactError(f"the model has no layer {name!r} although its ModelConfig implies one") from exc
+
+
+# ---------------------------------------------------------------------- unstructured
+def prunable_weights(model: Any, min_size: int = MIN_PRUNABLE) -> list[Any]:
+    """The kernels unstructured pruning acts on.
+
+    Dense and Conv1D ``kernel``, CrossLayer ``kernel``/``v``/``u`` and
+    TargetAttention ``kernel_i`` with at least ``min_size`` weights; never
+    embeddings, biases or the dense transform.
+    """
+    kinds = (keras.layers.Dense, keras.layers.Conv1D, L.CrossLayer, L.TargetAttention)
+    out = []
+    for layer in model.layers:
+        if not isinstance(layer, kinds):
+            continue
+        for w in layer.trainable_weights:
+            name = w.name
+            if (name in ("kernel", "v", "u") or name.startswith("kernel_")) and int(np.prod(w.shape)) >= min_size:
+                out.append(w)
+    return out
+
+
+def sparsity_of(weights: list[Any]) -> dict[str, float]:
+    """Fraction of exact zeros of each weight, keyed by its path (``layer/name``)."""
+    return {w.path: float(np.mean(w.numpy() == 0)) for w in weights}
+
+
+class _Mask:
+    """A variable constraint multiplying by a (mutable) mask after each optimizer step."""
+
+    def __init__(self, mask: Any) -> None:
+        self.mask = mask
+
+    def __call__(self, w: Any) -> Any:
+        return keras.ops.multiply(w, self.mask)
+
+
+class MagnitudePruning(keras.callbacks.Callback):
+    """Gradual magnitude pruning of ``weights`` to ``target`` sparsity (Zhu & Gupta 2017).
+
+    Takes the variables, the final sparsity and the schedule (``begin``, ``end``,
+    ``frequency`` in optimizer steps).  Call :meth:`attach` before ``fit`` (masks
+    become variable constraints, applied after every step), :meth:`finalize` after
+    it (target masks applied, if the ramp did not finish) and :meth:`detach`.
+    ``done`` is True once the final sparsity is in force.
+    """
+
+    def __init__(self, weights: list[Any], target: float, begin: int, end: int, frequency: int) -> None:
+        super().__init__()
+        self.targets = list(weights)
+        self.target, self.begin, self.end, self.frequency = float(target), int(begin), int(end), int(frequency)
+        self.masks = [keras.Variable(np.ones(w.shape, dtype="float32"), trainable=False, dtype=w.dtype)
+                      for w in self.targets]
+        self.step = 0
+        self.current = 0.0
+        self.done = self.target == 0.0 or not self.targets
+
+    def attach(self) -> None:
+        for w, m in zip(self.targets, self.masks):
+            w.constraint = _Mask(m)
+
+    def detach(self) -> None:
+        for w in self.targets:
+            w.constraint = None
+
+    def update(self, sparsity: float) -> None:
+        """Recompute every mask at ``sparsity`` and zero the pruned weights."""
+        for w, m in zip(self.targets, self.masks):
+            value = w.numpy()
+            keep = magnitude_mask(value, sparsity).astype(value.dtype)
+            m.assign(keep)
+            w.assign(value * keep)
+        self.current = sparsity
+
+    def apply(self) -> None:
+        """Multiply every weight by its current mask (after restoring weights)."""
+        for w, m in zip(self.targets, self.masks):
+            w.assign(w.numpy() * m.numpy())
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.step += 1
+        if self.done or self.step < self.begin:
+            return
+        if self.step >= self.end:
+            self.update(self.target)
+            self.done = True
+        elif (self.step - self.begin) % self.frequency == 0:
+            self.update(polynomial_sparsity(self.step, self.target, self.begin, self.end))
+
+    def finalize(self) -> None:
+        if not self.done:
+            self.update(self.target)
+            self.done = True
+        self.apply()
+
+
+class _BestOnValid(keras.callbacks.Callback):
+    """Exact validation AUC every epoch; keeps the best weights once pruning is at its target."""
+
+    def __init__(self, valid: Batch, pruning: MagnitudePruning, patience: int, verbose: int) -> None:
+        super().__init__()
+        self.valid, self.pruning, self.patience, self.verbose = valid, pruning, patience, verbose
+        self.aucs: list[float] = []
+        self.best = -np.inf
+        self.best_epoch = 0
+        self.best_weights: list[np.ndarray] | None = None
+        self.wait = 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from ctredge.train.train import predict
+
+        a = M.auc(self.valid.labels, predict(self.model, self.valid.feeds))
+        self.aucs.append(round(a, 6))
+        if logs is not None:
+            logs["val_auc_exact"] = a
+        eligible = self.pruning.done
+        _say(self.verbose, f"epoch {epoch + 1}: valid AUC {a:.5f} at sparsity {self.pruning.current:.3f}"
+                           + ("" if eligible else " (schedule still ramping)"))
+        if not eligible:
+            return
+        if a > self.best:
+            self.best, self.best_epoch, self.wait = a, epoch + 1, 0
+            self.best_weights = self.model.get_weights()
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.model.stop_training = True
+
+
+# ---------------------------------------------------------------------- data
+def _plan_for(manifest: dict[str, Any], override: tuple[str, ...]) -> dict[str, Any]:
+    """The parent's data plan, its files checked by sha256 (with ``override`` swapped in).
+
+    Raises:
+        ArtifactError: the manifest records no data plan.
+        DataError: a file is missing or its content changed since training, or
+            ``override`` has a different number of files than the training part.
+    """
+    data = manifest.get("data") or {}
+    if "parts" not in data:
+        raise ArtifactError("the trained artifact's manifest records no data plan (data.parts)")
+    plan = {"parts": {k: dict(v) for k, v in data["parts"].items()}, "split": data.get("split")}
+    recorded = {f["path"]: f for f in data.get("files", [])}
+    old_train = list(plan["parts"]["train"]["paths"])
+    mapping = {p: p for part in plan["parts"].values() for p in part["paths"]}
+    if override:
+        if len(override) != len(old_train):
+            raise DataError(f"prune: data: the training part had {len(old_train)} file(s) {old_train}, "
+                            f"got {len(override)}: {list(override)}")
+        mapping.update(zip(old_train, override))
+        for part in plan["parts"].values():
+            part["paths"] = [mapping[p] for p in part["paths"]]
+    files = []
+    for old, new in sorted(mapping.items(), key=lambda kv: kv[1]):
+        info = recorded.get(os.path.abspath(old)) or recorded.get(old)
+        if not os.path.isfile(new):
+            raise DataError(f"data file {new} is missing; pass PruneConfig(data=...) if it moved")
+        digest = sha256_file(new)
+        if info is not None and digest != info.get("sha256"):
+            raise DataError(f"data file {new} changed since training (sha256 {digest[:12]}..., recorded "
+                            f"{str(info.get('sha256'))[:12]}...): the held-out rows would differ")
+        files.append({"path": os.path.abspath(new), "sha256": digest, "bytes": os.path.getsize(new)})
+    return {"files": files, **plan}
+
+
+def _part_source(plan: dict[str, Any], part: str) -> tuple[list[str], SplitSpec | None, str | None]:
+    info, split = plan["parts"][part], plan.get("split")
+    if split and info["split_part"]:
+        return list(info["paths"]), SplitSpec(**split), info["split_part"]
+    return list(info["paths"]), None, None
+
+
+def _scores(model: Any, valid: Batch, test: Batch) -> dict[str, float]:
+    from ctredge.train.train import predict
+
+    t = M.summary(test.labels, predict(model, test.feeds))
+    pv = predict(model, valid.feeds)
+    return {"test_auc": t["auc"], "test_logloss": t["logloss"], "test_calibration": t["calibration"],
+            "test_normalized_entropy": t["normalized_entropy"],
+            "valid_auc": M.auc(valid.labels, pv), "valid_logloss": M.logloss(valid.labels, pv)}
+
+
+def _say(verbose: int, message: str) -> None:
+    log.info(message)
+    if verbose:
+        print(f"prune: {message}", flush=True)
+
+
+# ---------------------------------------------------------------------- the stage
+def prune(trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+          cfg: PruneConfig | None = None) -> dict[str, Any]:
+    """Prune a trained artifact into a fine-tuned, smaller ``prune`` artifact at ``out_dir``.
+
+    Takes the ``train`` (or ``prune``) artifact folder, the output folder and a
+    :class:`PruneConfig`.  Returns the manifest written; its ``metrics`` hold the
+    test/valid scores after pruning (``before`` for the parent's, on the same
+    rows) and ``extra`` the parameter counts, sparsity per kernel, embedding rows
+    and kept units/ranks.  Nothing is written when anything fails.
+
+    Raises:
+        ConfigError: ``cfg`` is not a PruneConfig, or ``out_dir`` is the parent.
+        ArtifactError: the parent fails verification (changed, missing files) or
+            its model does not match its model_config.json.
+        DataError: the recorded data files are missing or changed, or a part is empty.
+    """
+    from ctredge.train.data import Source, train_dataset
+    from ctredge.train.models import ModelConfig, model_summary
+    from ctredge.train.train import (MODEL_CONFIG_FILE, MODEL_FILE, SPEC_FILE, TRAIN_CONFIG_FILE, TrainConfig,
+                                     load_trained, read_part, read_parts)
+
+    cfg = PruneConfig() if cfg is None else cfg
+    if not isinstance(cfg, PruneConfig):
+        raise ConfigError(f"prune: expected a PruneConfig, got {type(cfg).__name__}")
+    if Path(out_dir).resolve() == Path(trained_dir).resolve():
+        raise ConfigError(f"prune: out_dir must differ from the trained artifact, got {out_dir} for both")
+    t_start = time.perf_counter()
+    model, spec, manifest = load_trained(trained_dir)
+    model_cfg = load_config(ModelConfig, Path(trained_dir) / MODEL_CONFIG_FILE)
+    train_cfg = load_config(TrainConfig, Path(trained_dir) / TRAIN_CONFIG_FILE)
+    plan = _plan_for(manifest, cfg.data)
+    keras.utils.set_random_seed(cfg.seed)
+
+    skip = train_cfg.skip_bad_rows
+    paths, split, part = _part_source(plan, "train")
+    rows: Any
+    if sum(os.path.getsize(p) for p in paths) > train_cfg.max_memory_bytes:  # streamed, as train() does
+        valid = read_part(plan, "valid", spec, skip_bad_rows=skip)
+        test = read_part(plan, "test", spec, skip_bad_rows=skip)
+        rows = Source(paths, split, part)
+        counts, n_train = count_rows(iter_batches(paths, spec, skip_bad_rows=skip, split=split, part=part), spec)
+    else:
+        parts = read_parts(plan, spec, skip_bad_rows=skip)
+        rows, valid, test = parts["train"], parts["valid"], parts["test"]
+        counts, n_train = count_rows(iter([rows]), spec)
+    for name, n in (("train", n_train), ("valid", len(valid)), ("test", len(test))):
+        if not n:
+            raise DataError(f"the {name} part of the recorded data plan has no rows")
+    _say(cfg.verbose, f"rows: train {n_train}, valid {len(valid)}, test {len(test)}")
+
+    before = _scores(model, valid, test)
+    params_before = model_summary(model)
+    new_model, new_cfg, report = shrink(model, spec, model_cfg, cfg, counts)
+    del model
+    after_shrink = _scores(new_model, valid, test)["valid_auc"]
+    _say(cfg.verbose, f"vocabulary/structured pruning: params {params_before['total']:,} -> "
+                      f"{model_summary(new_model)['total']:,}, valid AUC {before['valid_auc']:.5f} -> "
+                      f"{after_shrink:.5f} before fine-tuning")
+
+    targets = prunable_weights(new_model) if cfg.sparsity else []
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    end = cfg.end_step if cfg.end_step != -1 else max(cfg.begin_step + 1,
+                                                      max(1, math.ceil(cfg.epochs / 2)) * steps_per_epoch)
+    pruning = MagnitudePruning(targets, cfg.sparsity, cfg.begin_step, end, cfg.frequency)
+    best = _BestOnValid(valid, pruning, cfg.patience, cfg.verbose)
+    epochs_run = 0
+    if cfg.epochs:
+        new_model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                          loss=keras.losses.BinaryCrossentropy(),
+                          metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)])
+        ds = train_dataset(rows, spec, batch_size=cfg.batch_size, seed=cfg.seed,
+                           shuffle_rows=train_cfg.shuffle_rows, skip_bad_rows=skip)
+        _say(cfg.verbose, f"fine-tuning {cfg.epochs} epoch(s), sparsity {cfg.sparsity} on {len(targets)} kernels "
+                          f"(steps {cfg.begin_step}..{end}, every {cfg.frequency})")
+        pruning.attach()
+        try:
+            hist = new_model.fit(ds, epochs=cfg.epochs, callbacks=[pruning, best], verbose=cfg.verbose)
+        finally:
+            pruning.detach()
+        epochs_run = len(hist.history.get("loss", []))
+        if best.best_weights is not None:
+            new_model.set_weights(best.best_weights)
+    pruning.finalize()
+    sparsity = sparsity_of(targets)
+    after = _scores(new_model, valid, test)
+    params_after = model_summary(new_model)
+    nonzero = params_after["total"] - sum(int(round(s * np.prod(w.shape))) for s, w in zip(sparsity.values(), targets))
+    seconds = round(time.perf_counter() - t_start, 2)
+    _say(cfg.verbose, f"test AUC {before['test_auc']:.5f} -> {after['test_auc']:.5f}, params "
+                      f"{params_before['total']:,} -> {params_after['total']:,} ({nonzero:,} non-zero), {seconds}s")
+
+    metrics = {**after, "before": before, "valid_auc_after_structured": after_shrink,
+               "delta_test_auc": after["test_auc"] - before["test_auc"],
+               "epochs": epochs_run, "best_epoch": best.best_epoch or epochs_run, "seconds": seconds,
+               "history": {"val_auc": best.aucs}}
+    extra = {"model": new_cfg.model, "params": params_after, "params_before": params_before,
+             "params_nonzero": nonzero, "sparsity": sparsity, "sparsity_target": cfg.sparsity,
+             "vocab_rows": report.get("vocab_rows"), "units": report["units"],
+             "cross_rank": report.get("cross_rank"), "train_rows": n_train}
+    with staged_dir(out_dir) as tmp:
+        new_model.save(tmp / MODEL_FILE)
+        spec.save(str(tmp / SPEC_FILE))
+        shutil.copyfile(Path(trained_dir) / TRAIN_CONFIG_FILE, tmp / TRAIN_CONFIG_FILE)
+        save_config(new_cfg, tmp / MODEL_CONFIG_FILE)
+        save_config(cfg, tmp / PRUNE_CONFIG_FILE)
+        written = write_manifest(
+            tmp, stage="prune", parent=trained_dir, metrics=metrics, data=plan, extra=extra,
+            config={"prune": config_to_dict(cfg), "model": config_to_dict(new_cfg),
+                    "train": config_to_dict(train_cfg)},
+            signature=manifest.get("signature", {}),
+        )
+    return written
+
+
+__all__ = ["PruneConfig", "prune", "shrink", "polynomial_sparsity", "magnitude_mask", "count_rows",
+           "vocab_remap", "unit_scores", "prunable_weights", "sparsity_of", "MagnitudePruning"]
