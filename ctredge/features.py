@@ -360,8 +360,12 @@ def _as_2d_raw(raw: Any, n_cols: int, what: str) -> np.ndarray:
 # --------------------------------------------------------------------- hashing
 def _to_bytes_array(values: np.ndarray | Iterable[Any]) -> np.ndarray:
     """Normalise raw values to a 1-D numpy ``S`` (fixed-width bytes) array."""
-    arr = values if isinstance(values, np.ndarray) else np.asarray(list(values), dtype=object)
-    arr = arr.reshape(-1)
+    if not isinstance(values, np.ndarray):
+        values = list(values)
+        if values and all(type(v) is bytes for v in values):  # fast path: the reader's history tokens
+            return np.array(values, dtype="S")
+        values = np.asarray(values, dtype=object)
+    arr = values.reshape(-1)
     kind = arr.dtype.kind
     if kind == "S":
         return arr
@@ -414,9 +418,9 @@ def hash_values(values: np.ndarray | Iterable[Any], feature: str, buckets: int) 
     n = arr.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    width = arr.dtype.itemsize
-    mat = np.frombuffer(arr.tobytes(), dtype=np.uint8).reshape(n, width)
     lengths = np.strings.str_len(arr)
+    width = int(lengths.max())  # columns sliced from a wider table carry unused padding
+    mat = np.frombuffer(arr.tobytes(), dtype=np.uint8).reshape(n, arr.dtype.itemsize)[:, :width]
     h = np.full(n, _fnv_prefix(feature), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(width):

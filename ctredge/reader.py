@@ -64,6 +64,11 @@ class RawChunk:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def take(self, mask: np.ndarray) -> "RawChunk":
+        """Rows selected by a boolean mask."""
+        hist = None if self.hist_raw is None else [h for h, k in zip(self.hist_raw, mask) if k]
+        return RawChunk(self.labels[mask], self.dense[mask], self.cat_raw[mask], hist, self.line_no[mask], self.file_no)
+
 
 @dataclass
 class Batch:
@@ -172,12 +177,10 @@ def iter_batches(
     for file_no, path in enumerate(paths):
         for raw in iter_raw(path, spec, chunk_rows=chunk_rows, skip_bad_rows=skip_bad_rows,
                             stats=stats, file_no=file_no, limit=limit):
-            batch = to_batch(raw, spec)
-            if split is not None:
-                keep = split.codes(batch.file_no, batch.line_no) == SPLIT_NAMES.index(part)  # type: ignore[arg-type]
-                batch = batch.take(keep)
-            if len(batch):
-                yield batch
+            if split is not None:  # select before hashing
+                raw = raw.take(split.codes(np.full(len(raw), file_no), raw.line_no) == SPLIT_NAMES.index(part))  # type: ignore[arg-type]
+            if len(raw):
+                yield to_batch(raw, spec)
 
 
 def to_batch(raw: RawChunk, spec: FeatureSpec) -> Batch:
@@ -218,9 +221,13 @@ def _parse_lines(
     skip_bad_rows: bool, stats: ReadStats,
 ) -> RawChunk | None:
     n_fields = spec.n_columns
+    n_table = 1 + spec.n_dense + spec.n_cat  # the history column is kept out of the table:
+    has_hist = spec.history is not None      # it is far wider than the other fields
     min_fields = 1 + spec.n_dense + (1 if spec.n_cat else 0)
     rows: list[list[bytes]] = []
+    hists: list[bytes] = []
     line_no: list[int] = []
+    pad = [b""] * n_fields
     for i, line in enumerate(lines):
         fields = line.rstrip(b"\r\n").split(b"\t")
         k = len(fields)
@@ -229,31 +236,33 @@ def _parse_lines(
                 _bad(f"expected {n_fields} tab-separated fields (trailing empty ones may be trimmed, "
                      f"so at least {min_fields}), got {k}", name, line_base + i + 1, skip_bad_rows, stats)
                 continue
-            fields.extend([b""] * (n_fields - k))
+            fields.extend(pad[: n_fields - k])
             stats.padded_lines += 1
+        if has_hist:
+            hists.append(fields.pop())
         rows.append(fields)
         line_no.append(line_base + i + 1)
     if not rows:
         return None
     table = np.array(rows, dtype="S")
+    if table.shape[1] != n_table:  # a spec with no categorical features and all fields empty
+        table = table.reshape(len(rows), n_table)
     lines_arr = np.array(line_no, dtype=np.int64)
-    bad = _find_bad_rows(table, spec)
+    dense, bad = _convert_checked(table, spec)
     if bad:
         for idx, msg in bad:
             _bad(msg, name, int(lines_arr[idx]), skip_bad_rows, stats)
         keep = np.ones(len(rows), dtype=bool)
         keep[[idx for idx, _ in bad]] = False
-        table, lines_arr = table[keep], lines_arr[keep]
-        rows = [r for r, k in zip(rows, keep) if k]
+        table, lines_arr, dense = table[keep], lines_arr[keep], dense[keep]
+        hists = [h for h, k in zip(hists, keep) if k]
         if not len(table):
             return None
     labels = (table[:, 0] == b"1").astype(np.float32)
-    dense = _convert_dense(table[:, 1:1 + spec.n_dense], spec)
-    cat_raw = table[:, 1 + spec.n_dense:1 + spec.n_dense + spec.n_cat]
+    cat_raw = table[:, 1 + spec.n_dense:]
     hist_raw = None
-    if spec.history is not None:
-        hist_raw = [r[-1].split(b",") if r[-1] else [] for r in rows]
-        hist_raw = [[v for v in h if v] for h in hist_raw]
+    if has_hist:
+        hist_raw = [[v for v in h.split(b",") if v] if h else [] for h in hists]
     return RawChunk(labels, dense, cat_raw, hist_raw, lines_arr)
 
 
@@ -263,43 +272,35 @@ def _bad(message: str, name: str, line: int, skip: bool, stats: ReadStats) -> No
     stats.note_bad(f"{name}:{line}: {message}")
 
 
-def _convert_dense(block: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    out = np.full(block.shape, np.nan, dtype=np.float32)
-    for j, feat in enumerate(spec.dense):
-        col = block[:, j]
-        present = col != b""
-        if present.any():
-            vals = col[present]
-            out[present, j] = vals.astype(np.int64) if feat.integer else vals.astype(np.float64)
-    return out
+def _convert_checked(table: np.ndarray, spec: FeatureSpec) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Dense floats (NaN = missing) and the rows (index, reason) with a bad label or value.
 
-
-def _find_bad_rows(table: np.ndarray, spec: FeatureSpec) -> list[tuple[int, str]]:
-    """Row indices (within the chunk) with a bad label or dense value, and why.
-
-    The vectorised checks run first; only a failing column is scanned row by row.
+    Columns convert vectorised; only a column that fails is scanned row by row.
     """
     bad: dict[int, str] = {}
     labels = table[:, 0]
     for idx in np.flatnonzero((labels != b"0") & (labels != b"1")):
         bad[int(idx)] = f"label must be 0 or 1, got {labels[idx].decode('utf-8', 'replace')!r}"
+    dense = np.full((table.shape[0], spec.n_dense), np.nan, dtype=np.float32)
     for j, feat in enumerate(spec.dense):
         col = table[:, 1 + j]
         present = col != b""
+        if not present.any():
+            continue
         try:
-            _ = col[present].astype(np.int64) if feat.integer else col[present].astype(np.float64)
+            dense[present, j] = col[present].astype(np.int64 if feat.integer else np.float64)
             continue
         except (ValueError, OverflowError):
             pass
         for idx in np.flatnonzero(present):
             v = col[idx]
             try:
-                int(v) if feat.integer else float(v)
+                dense[idx, j] = int(v) if feat.integer else float(v)
             except (ValueError, OverflowError):
                 kind = "an integer count" if feat.integer else "a number"
                 bad.setdefault(int(idx), f"dense feature {feat.name} (field {2 + j}) must be {kind}, "
                                          f"got {v.decode('utf-8', 'replace')!r}")
-    return sorted(bad.items())
+    return dense, sorted(bad.items())
 
 
 # ------------------------------------------------------------------ splitting

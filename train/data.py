@@ -6,12 +6,11 @@ turns its :class:`~ctredge.reader.Batch` es into ``tf.data`` datasets of
 ``shuffle_rows`` (the reader chunk), then mini-batches are shuffled again by a
 ``tf.data`` buffer; a new permutation every epoch, seeded.  Small files are
 held in memory once; files larger than ``max_memory_bytes`` are streamed from
-disk every epoch in constant memory.
+disk every epoch in constant memory (train.py picks by file size).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -19,27 +18,20 @@ import numpy as np
 import tensorflow as tf
 
 from ctredge.features import FeatureSpec
-from ctredge.reader import Batch, ReadStats, SplitSpec, iter_batches, read_all
+from ctredge.reader import Batch, SplitSpec, iter_batches
 
 
 @dataclass
 class Source:
-    """Where one part (train/valid/test) of the data comes from."""
+    """Click-log files (optionally one split part of them) streamed from disk."""
 
     paths: Sequence[str]
     split: SplitSpec | None = None
     part: str | None = None
 
-    def batches(self, spec: FeatureSpec, chunk_rows: int, skip_bad_rows: bool, stats: ReadStats | None = None) -> Iterator[Batch]:
+    def batches(self, spec: FeatureSpec, chunk_rows: int, skip_bad_rows: bool) -> Iterator[Batch]:
         return iter_batches(list(self.paths), spec, chunk_rows=chunk_rows, skip_bad_rows=skip_bad_rows,
-                            stats=stats, split=self.split, part=self.part)
-
-    def read(self, spec: FeatureSpec, skip_bad_rows: bool, stats: ReadStats | None = None) -> Batch:
-        return read_all(list(self.paths), spec, skip_bad_rows=skip_bad_rows, stats=stats,
-                        split=self.split, part=self.part)
-
-    def file_bytes(self) -> int:
-        return sum(os.path.getsize(p) for p in self.paths)
+                            split=self.split, part=self.part)
 
 
 def _signature(spec: FeatureSpec) -> tuple[dict[str, tf.TensorSpec], tf.TensorSpec]:
@@ -56,35 +48,30 @@ def _minibatches(batch: Batch, batch_size: int, rng: np.random.Generator) -> Ite
 
 
 def train_dataset(
-    source: Source,
+    rows: Batch | Source,
     spec: FeatureSpec,
     *,
     batch_size: int,
     seed: int,
     shuffle_rows: int = 65_536,
     skip_bad_rows: bool = False,
-    max_memory_bytes: int = 1 << 30,
-    stats: ReadStats | None = None,
-) -> tuple[tf.data.Dataset, int | None]:
-    """A shuffled, repeated-per-epoch dataset of ``(feeds, labels)`` mini-batches.
+) -> tf.data.Dataset:
+    """A shuffled dataset of ``(feeds, labels [B, 1])`` mini-batches, a new order every epoch.
 
-    Returns the dataset and the number of training rows when known (in-memory
-    path) or ``None`` (streaming path).
+    ``rows`` is either an in-memory :class:`Batch` (one permutation over all rows
+    per epoch) or a :class:`Source` streamed from disk every epoch in constant
+    memory (rows permuted within windows of ``shuffle_rows``).
     """
     epoch = {"n": 0}
-    in_memory: Batch | None = None
-    if source.file_bytes() <= max_memory_bytes:
-        in_memory = source.read(spec, skip_bad_rows, stats=stats)
 
     def generate() -> Iterator[tuple[dict, np.ndarray]]:
         rng = np.random.default_rng([seed, epoch["n"]])
         epoch["n"] += 1
-        if in_memory is not None:  # one permutation over all rows
-            yield from _minibatches(in_memory, batch_size, rng)
+        if isinstance(rows, Batch):
+            yield from _minibatches(rows, batch_size, rng)
             return
-        for chunk in source.batches(spec, shuffle_rows, skip_bad_rows):  # permuted per window
+        for chunk in rows.batches(spec, shuffle_rows, skip_bad_rows):
             yield from _minibatches(chunk, batch_size, rng)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=_signature(spec))
-    ds = ds.shuffle(16, seed=seed).prefetch(4)
-    return ds, (len(in_memory) if in_memory is not None else None)
+    return ds.shuffle(16, seed=seed).prefetch(4)

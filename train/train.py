@@ -31,7 +31,7 @@ from ctredge.artifacts import read_manifest, sha256_file, staged_dir, write_mani
 from ctredge.config import config_to_dict, load_config, save_config
 from ctredge.errors import ConfigError, DataError
 from ctredge.features import FeatureSpec
-from ctredge.reader import Batch, ReadStats, SplitSpec, read_all, resolve_spec, sidecar_path
+from ctredge.reader import SPLIT_NAMES, Batch, ReadStats, SplitSpec, read_all, resolve_spec, sidecar_path
 
 log = logging.getLogger("ctredge.train")
 
@@ -112,6 +112,25 @@ def read_part(plan: dict[str, Any], part: str, spec: FeatureSpec, *, skip_bad_ro
                     split=sp, part=info["split_part"] if sp else None)
 
 
+def read_parts(plan: dict[str, Any], spec: FeatureSpec, *, skip_bad_rows: bool = False,
+               stats: ReadStats | None = None) -> dict[str, Batch]:
+    """Read every part of a :func:`data_plan` into memory, each distinct file set once."""
+    out: dict[str, Batch] = {}
+    split = SplitSpec(**plan["split"]) if plan.get("split") else None
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for part, info in plan["parts"].items():
+        if info["split_part"] and split is not None:
+            groups.setdefault(tuple(info["paths"]), []).append(part)
+        else:
+            out[part] = read_all(info["paths"], spec, skip_bad_rows=skip_bad_rows, stats=stats)
+    for paths, parts in groups.items():
+        rows = read_all(list(paths), spec, skip_bad_rows=skip_bad_rows, stats=stats)
+        codes = split.codes(rows.file_no, rows.line_no)  # type: ignore[union-attr]
+        for part in parts:
+            out[part] = rows.take(codes == SPLIT_NAMES.index(plan["parts"][part]["split_part"]))
+    return out
+
+
 def predict(model: Any, feeds: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
     """Click probabilities ``[B]`` of a Keras model on a feed dict (no progress bar)."""
     if not len(next(iter(feeds.values()))):
@@ -141,20 +160,24 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     plan = data_plan(cfg)
     stats = ReadStats()
     t_read = time.perf_counter()
-    valid = read_part(plan, "valid", spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats)
-    test = read_part(plan, "test", spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats)
+    tinfo = plan["parts"]["train"]
+    streamed = sum(os.path.getsize(p) for p in tinfo["paths"]) > cfg.max_memory_bytes
+    if streamed:
+        valid = read_part(plan, "valid", spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats)
+        test = read_part(plan, "test", spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats)
+        split = SplitSpec(**plan["split"]) if plan["split"] and tinfo["split_part"] else None
+        rows: Any = Source(tinfo["paths"], split, "train" if split else None)
+        n_train = None
+    else:
+        parts = read_parts(plan, spec, skip_bad_rows=cfg.skip_bad_rows, stats=stats)
+        rows, valid, test = parts["train"], parts["valid"], parts["test"]
+        n_train = len(rows)
     for part, batch in (("valid", valid), ("test", test)):
         if len(batch) == 0 or batch.labels.min() == batch.labels.max():
             raise DataError(f"the {part} part has {len(batch)} rows and needs both clicks and non-clicks; "
                             f"give more data or a larger split fraction")
-    tinfo = plan["parts"]["train"]
-    split = plan["split"]
-    source = Source(tinfo["paths"], SplitSpec(**split) if split and tinfo["split_part"] else None,
-                    "train" if split and tinfo["split_part"] else None)
-    train_stats = ReadStats()
-    ds, n_train = train_dataset(source, spec, batch_size=cfg.batch_size, seed=cfg.seed,
-                                shuffle_rows=cfg.shuffle_rows, skip_bad_rows=cfg.skip_bad_rows,
-                                max_memory_bytes=cfg.max_memory_bytes, stats=train_stats)
+    ds = train_dataset(rows, spec, batch_size=cfg.batch_size, seed=cfg.seed,
+                       shuffle_rows=cfg.shuffle_rows, skip_bad_rows=cfg.skip_bad_rows)
     log.info("data read in %.1fs: train %s rows, valid %d, test %d", time.perf_counter() - t_read,
              n_train if n_train is not None else "(streamed)", len(valid), len(test))
 
@@ -183,12 +206,12 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         "test_calibration": test_m["calibration"], "test_normalized_entropy": test_m["normalized_entropy"],
         "test_click_rate": test_m["click_rate"], "test_rows": len(test),
         "valid_auc": M.auc(valid.labels, p_valid), "valid_logloss": M.logloss(valid.labels, p_valid),
-        "valid_rows": len(valid), "train_rows": n_train if n_train is not None else train_stats.rows // max(epochs_run, 1),
+        "valid_rows": len(valid), "train_rows": n_train,
         "epochs": epochs_run, "best_epoch": best_epoch,
         "train_seconds": round(train_seconds, 2), "seconds_per_epoch": round(train_seconds / max(epochs_run, 1), 2),
         "history": {"val_auc": exact.aucs, "val_logloss": exact.loglosses,
                     "loss": [float(x) for x in hist.history.get("loss", [])]},
-        "bad_rows_skipped": stats.bad_rows + train_stats.bad_rows,
+        "bad_rows_skipped": stats.bad_rows,
     }
     truth = _truth_for(cfg.data[0])
     if truth is not None:
