@@ -99,9 +99,74 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compress
+def cmd_compress_prune(args: argparse.Namespace) -> int:
+    from ctredge.compress.prune import PruneConfig, prune
+
+    cfg = PruneConfig(sparsity=args.sparsity, structured=args.structured, vocab_min_count=args.vocab_min_count,
+                      epochs=args.epochs, verbose=1 if sys.stdout.isatty() else 2)
+    m = prune(args.dir, args.out, cfg)["metrics"]
+    print(json.dumps({k: v for k, v in m.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
+    print(f"artifact: {args.out}")
+    return 0
+
+
+def cmd_compress_quantize(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ctredge.compress.quantize import quantize, save_model
+    from ctredge.export.onnx import load_spec_from_onnx
+    from ctredge.reader import read_all
+
+    calibration = None
+    if args.calibration:
+        spec = load_spec_from_onnx(args.onnx)
+        if spec is None:
+            raise CtrEdgeError(f"{args.onnx} carries no ctredge FeatureSpec: calibration rows cannot be read for it")
+        rows = read_all(args.calibration, spec, limit=args.calibration_rows)
+        calibration = [rows.take(np.arange(i, min(i + 256, len(rows)))).feeds for i in range(0, len(rows), 256)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in args.variants.split(","):
+        path = out / f"model.{kind.replace('+', '_')}.onnx"
+        save_model(quantize(args.onnx, kind, calibration), path)
+        print(f"{kind:24s} {path}  {path.stat().st_size:,} bytes")
+    return 0
+
+
+def cmd_compress_all(args: argparse.Namespace) -> int:
+    from ctredge.compress.variants import CompressConfig, compress_all
+
+    kwargs: dict[str, Any] = {"budget": args.budget, "allow_over_budget": args.allow_over_budget,
+                              "version": args.version, "vocab_min_count": args.vocab_min_count}
+    if args.variants:
+        kwargs["variants"] = tuple(args.variants.split(","))
+    index = compress_all(args.dir, args.out, CompressConfig(**kwargs), force=args.force)
+    print(index_table(index))
+    print(f"repository: {args.out}  (index.json)")
+    return 0
+
+
+def index_table(index: dict[str, Any]) -> str:
+    """The repository index as a Markdown table."""
+    fp32 = next((e["size_bytes"] for e in index["models"] if e["name"] == "ctr-fp32"), None)
+    rows = []
+    for e in index["models"]:
+        ratio = f"{e['size_bytes'] / fp32:.3f}" if fp32 else "-"
+        rss = f"{e['rss_bytes'] / 2**20:.1f}" if e.get("rss_bytes") else "-"
+        rows.append([e["name"], e["quantization"], f"{e['size_bytes']:,}", ratio, rss, f"{e['test_auc']:.5f}",
+                     f"{e['dauc']:+.5f} [{e['dauc_ci'][0]:+.5f}, {e['dauc_ci'][1]:+.5f}]",
+                     "yes" if e["within_budget"] else "NO"])
+    ref = index["reference"]
+    return (_table(["variant", "quantization", "bytes", "x fp32", "RSS MiB", "test AUC", "dAUC [95% CI]",
+                    "within budget"], rows)
+            + f"\nreference: full Keras model, test AUC {ref['keras_test_auc']:.5f} on {ref['test_rows']:,} rows; "
+              f"budget dAUC >= -{ref['budget']}")
+
+
 # ---------------------------------------------------------------- pipeline
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """datagen (with history) -> train each model -> metrics table against the Bayes ceiling."""
+    """datagen (with history) -> train each model -> compress all (first model) -> report."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data" / "clicks.tsv"
@@ -116,11 +181,22 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     table = _table(["model", "test AUC", "test logloss", "calibration", "epochs", "s/epoch", "params"], rows)
     ceiling = (f"Bayes-optimal (true probabilities) on all {truth['rows']:,} rows: AUC {truth['bayes_auc']:.4f}, "
                f"logloss {truth['bayes_logloss']:.4f}; click rate {truth['click_rate']:.4f}")
-    report = out / "report.md"
-    report.write_text(f"# ctredge pipeline report\n\n`ctredge pipeline --out {args.out} --rows {args.rows} "
-                      f"--seed {args.seed} --models {args.models} --epochs {args.epochs}`\n\n{table}\n\n{ceiling}\n")
     print(table)
     print(ceiling)
+    variants = ""
+    if not args.skip_compress:
+        from ctredge.compress.variants import CompressConfig, compress_all
+
+        first = args.models.split(",")[0]
+        log.info("compress all: %s -> %s", out / f"trained-{first}", out / "repository")
+        index = compress_all(out / f"trained-{first}", out / "repository", CompressConfig(allow_over_budget=True),
+                             force=args.force)
+        variants = f"## Compressed variants of `{first}` (`ctredge compress all`)\n\n{index_table(index)}\n"
+        print(index_table(index))
+    report = out / "report.md"
+    report.write_text(f"# ctredge pipeline report\n\n`ctredge pipeline --out {args.out} --rows {args.rows} "
+                      f"--seed {args.seed} --models {args.models} --epochs {args.epochs}`\n\n"
+                      f"## Training (synthetic data with history)\n\n{table}\n\n{ceiling}\n\n{variants}")
     print(f"report: {report}")
     return 0
 
@@ -216,6 +292,36 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--version", type=int, default=1)
     x.set_defaults(func=cmd_export)
 
+    c = sub.add_parser("compress", help="prune (Keras), quantize (ONNX), or build every variant").add_subparsers(
+        dest="compress_command", required=True)
+    cp = c.add_parser("prune", help="vocabulary + structured + magnitude pruning with fine-tuning")
+    cp.add_argument("dir")
+    cp.add_argument("--out", required=True)
+    cp.add_argument("--sparsity", type=float, default=0.5)
+    cp.add_argument("--structured", type=float, default=0.5)
+    cp.add_argument("--vocab-min-count", type=int, default=0)
+    cp.add_argument("--epochs", type=int, default=3)
+    cp.set_defaults(func=cmd_compress_prune)
+    cq = c.add_parser("quantize", help="quantize an ONNX model (no TensorFlow)")
+    cq.add_argument("onnx")
+    cq.add_argument("--variants", required=True,
+                    help="comma-separated: fp16, int8-dynamic, int8-static, emb-int8, emb-int4, "
+                         "int8-static+emb-int8, int8-static+emb-int4")
+    cq.add_argument("--calibration", help="click log for static int8 calibration")
+    cq.add_argument("--calibration-rows", type=int, default=4096)
+    cq.add_argument("--out", required=True)
+    cq.set_defaults(func=cmd_compress_quantize)
+    ca = c.add_parser("all", help="every variant into a model repository, judged by the dAUC budget")
+    ca.add_argument("dir")
+    ca.add_argument("--out", required=True, help="model repository folder")
+    ca.add_argument("--variants", help="comma-separated subset (default: all six)")
+    ca.add_argument("--budget", type=float, default=0.0005, help="max AUC loss against the full Keras model")
+    ca.add_argument("--allow-over-budget", action="store_true")
+    ca.add_argument("--version", type=int, default=1)
+    ca.add_argument("--vocab-min-count", type=int, default=2)
+    ca.add_argument("--force", action="store_true", help="redo the export and pruning even if reusable")
+    ca.set_defaults(func=cmd_compress_all)
+
     pl = sub.add_parser("pipeline", help="the main job: datagen -> train -> evaluate -> report")
     pl.add_argument("--out", default="runs/demo")
     pl.add_argument("--rows", type=int, default=200_000)
@@ -223,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--models", default="dcnv2,deepfm,seed")
     pl.add_argument("--epochs", type=int, default=3)
     pl.add_argument("--force", action="store_true", help="redo stages whose artifacts already exist")
+    pl.add_argument("--skip-compress", action="store_true", help="stop after training")
     pl.set_defaults(func=cmd_pipeline)
     return p
 
@@ -231,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ctredge`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # ctredge's own progress at INFO; other libraries (ORT's quantizer logs to the root logger) at WARNING
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("ctredge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except CtrEdgeError as exc:

@@ -74,4 +74,6 @@ def train_dataset(
             yield from _minibatches(chunk, batch_size, rng)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=_signature(spec))
+    if isinstance(rows, Batch):  # known length: Keras shows a real progress bar and no "ran out of data"
+        ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // batch_size)))
     return ds.shuffle(16, seed=seed).prefetch(4)

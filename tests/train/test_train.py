@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def clicks(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "clicks.tsv"
-    generate(str(path), rows=6000, seed=1, history=True, click_rate=0.15)
+    generate(str(path), rows=20000, seed=1, history=True, click_rate=0.2)
     return path
 
 
@@ -42,7 +42,7 @@ def test_artifact_layout_and_metrics(trained, clicks):
     assert 1 <= m["epochs"] <= 2 and len(m["history"]["val_auc"]) == m["epochs"]
     assert manifest["data"]["split"] == {"seed": 3, "valid": 0.1, "test": 0.1}
     assert manifest["data"]["files"][0]["sha256"]
-    assert m["train_rows"] + m["valid_rows"] + m["test_rows"] == 6000
+    assert m["train_rows"] + m["valid_rows"] + m["test_rows"] == 20000
 
 
 def test_manifest_split_rereads_the_same_test_rows(trained, clicks):
@@ -77,7 +77,7 @@ def test_cli_train_and_evaluate(clicks, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| seed |" in printed and "test AUC" in printed
     assert main(["evaluate", str(out), "--data", str(clicks)]) == 0
-    assert "| 6,000 |" in capsys.readouterr().out
+    assert "| 20,000 |" in capsys.readouterr().out
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["epochs"] == 1 and saved["data"] == [str(clicks)]
 
@@ -95,3 +95,14 @@ def test_clear_errors(clicks, tmp_path, capsys):
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.tsv:11: label must be 0 or 1, got '7'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_streaming_path_for_files_larger_than_memory(clicks, tmp_path):
+    """max_memory_bytes below the file size: valid/test are read by split, train streamed per epoch."""
+    out = tmp_path / "streamed"
+    cfg = TrainConfig(data=(str(clicks),), out=str(out), epochs=1, batch_size=512, verbose=0, seed=3,
+                      max_memory_bytes=1, shuffle_rows=3000)
+    manifest = train(cfg, ModelConfig(model="deepfm", embedding_dim=4, mlp_units=(16,)))
+    m = manifest["metrics"]
+    assert m["train_rows"] is None and m["test_rows"] + m["valid_rows"] < 20000
+    assert 0.5 < m["test_auc"] <= 1.0

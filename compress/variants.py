@@ -1,0 +1,215 @@
+"""``ctredge compress all``: every compressed variant, judged by one accuracy budget.
+
+From a trained artifact this builds the model repository the server reads::
+
+    REPO/<name>/<version>/model.onnx   (+ manifest.json: parent, quantization, metrics)
+    REPO/<name>/config.json            serving config (dynamic batching off where it changes answers)
+    REPO/index.json                    {"models": [{name, version, source, quantization, size_bytes,
+                                        rss_bytes, test_auc, dauc, dauc_ci, within_budget, written}]}
+
+=====================  ===============  =====================================
+name                   from             quantization
+=====================  ===============  =====================================
+``ctr-fp32``           trained          none: the full model in ONNX
+``ctr-fp16``           trained          fp16, fp32 I/O
+``ctr-int8``           trained          int8 static QDQ + row-wise int8 embeddings
+``ctr-int8-dynamic``   trained          int8 dynamic (per-batch activation scales)
+``ctr-pruned``         pruned           none
+``ctr-edge``           pruned           int8 static QDQ + row-wise int4 embeddings
+=====================  ===============  =====================================
+
+The budget: AUC of the variant minus AUC of the full *Keras* model on the
+held-out test rows of the trained artifact's manifest, with a paired bootstrap
+95% interval; a variant that loses more than ``budget`` is listed with
+``within_budget: false`` and written only with ``allow_over_budget``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctredge import metrics as M
+from ctredge.artifacts import manifest_hash, read_manifest, staged_dir, write_manifest
+from ctredge.config import config_to_dict
+from ctredge.errors import ConfigError
+from ctredge.features import METADATA_KEY
+
+log = logging.getLogger("ctredge.compress")
+
+#: name -> (source: "full" | "pruned", quantization kind or None)
+VARIANTS: dict[str, tuple[str, str | None]] = {
+    "ctr-fp32": ("full", None),
+    "ctr-fp16": ("full", "fp16"),
+    "ctr-int8": ("full", "int8-static+emb-int8"),
+    "ctr-int8-dynamic": ("full", "int8-dynamic"),
+    "ctr-pruned": ("pruned", None),
+    "ctr-edge": ("pruned", "int8-static+emb-int4"),
+}
+#: serving-config notes for variants whose answers depend on batch-mates
+NO_BATCHING = {
+    "ctr-int8-dynamic": "dynamic int8 computes activation scales per batch, so a row's answer changes "
+                        "with its batch-mates; dynamic batching is off so answers do not depend on load",
+}
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Settings of ``compress all`` (saved in every variant's manifest)."""
+
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    budget: float = 0.0005
+    allow_over_budget: bool = False
+    version: int = 1
+    bootstrap: int = 200
+    calibration_rows: int = 4096
+    eval_rows: int = 0  # 0 = every held-out test row
+    opset: int = 17
+    sparsity: float = 0.5
+    structured: float = 0.5
+    vocab_min_count: int = 2
+    prune_epochs: int = 2
+    measure_rss: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown or not self.variants:
+            raise ConfigError(f"compress all: unknown variant(s) {unknown or '(none given)'}; "
+                              f"expected some of {list(VARIANTS)}")
+        if not self.budget >= 0:
+            raise ConfigError(f"compress all: budget must be >= 0, got {self.budget}")
+        if self.version < 1 or self.bootstrap < 10:
+            raise ConfigError(f"compress all: version must be >= 1 and bootstrap >= 10, "
+                              f"got {self.version} and {self.bootstrap}")
+
+
+def _reusable(folder: Path, parent: str | os.PathLike[str]) -> bool:
+    """An artifact folder that verifies and was made from exactly this parent."""
+    try:
+        m = read_manifest(folder)
+    except Exception:  # any problem: rebuild it
+        return False
+    return (m.get("parent") or {}).get("manifest_sha256") == manifest_hash(parent)
+
+
+def _prepare_sources(trained_dir: Path, work: Path, cfg: CompressConfig, need_pruned: bool,
+                     force: bool) -> dict[str, Path]:
+    from ctredge.compress.prune import PruneConfig, prune
+    from ctredge.export.onnx import ExportConfig, export
+
+    sources = {"full": work / "export-full"}
+    if force or not _reusable(sources["full"], trained_dir):
+        log.info("exporting the full model to ONNX")
+        export(trained_dir, sources["full"], ExportConfig(opset=cfg.opset, name="ctr-fp32"))
+    if need_pruned:
+        pruned = work / "pruned"
+        if force or not _reusable(pruned, trained_dir):
+            log.info("pruning (sparsity %.2f, structured %.2f, vocab min count %d)",
+                     cfg.sparsity, cfg.structured, cfg.vocab_min_count)
+            prune(trained_dir, pruned, PruneConfig(sparsity=cfg.sparsity, structured=cfg.structured,
+                                                   vocab_min_count=cfg.vocab_min_count,
+                                                   epochs=cfg.prune_epochs, seed=cfg.seed))
+        sources["pruned"] = work / "export-pruned"
+        if force or not _reusable(sources["pruned"], pruned):
+            log.info("exporting the pruned model to ONNX")
+            export(pruned, sources["pruned"], ExportConfig(opset=cfg.opset, name="ctr-pruned"))
+    return sources
+
+
+def compress_all(trained_dir: str | os.PathLike[str], repo: str | os.PathLike[str],
+                 cfg: CompressConfig | None = None, *, work_dir: str | os.PathLike[str] | None = None,
+                 force: bool = False) -> dict[str, Any]:
+    """Build every variant of ``cfg.variants`` into the repository ``repo``.
+
+    Returns the index dict written to ``REPO/index.json``.
+
+    Raises:
+        ArtifactError: the trained artifact fails verification.
+        ValidationError: an export disagrees with Keras.
+        BudgetError: never; over-budget variants are reported, and skipped unless allowed.
+    """
+    import onnx
+
+    from ctredge.compress.quantize import predict as ort_predict
+    from ctredge.compress.quantize import quantize, save_model, session_rss_bytes
+    from ctredge.export.onnx import set_metadata
+    from ctredge.train.train import load_trained, predict, read_parts
+
+    cfg = cfg or CompressConfig()
+    trained_dir, repo = Path(trained_dir), Path(repo)
+    work = Path(work_dir) if work_dir else repo.parent / f"{repo.name}-work"
+    model, spec, manifest = load_trained(trained_dir)
+    parts = read_parts(manifest["data"], spec)
+    test, valid = parts["test"], parts["valid"]
+    if cfg.eval_rows:
+        test = test.take(np.arange(min(cfg.eval_rows, len(test))))
+    calib = valid.take(np.arange(min(cfg.calibration_rows, len(valid))))
+    calibration = [calib.take(np.arange(i, min(i + 256, len(calib)))).feeds for i in range(0, len(calib), 256)]
+    log.info("held-out rows: %d test, %d calibration", len(test), len(calib))
+    p_ref = predict(model, test.feeds)
+    ref_auc = M.auc(test.labels, p_ref)
+    need_pruned = any(VARIANTS[v][0] == "pruned" for v in cfg.variants)
+    sources = _prepare_sources(trained_dir, work, cfg, need_pruned, force)
+
+    repo.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name in cfg.variants:
+        source, kind = VARIANTS[name]
+        t0 = time.perf_counter()
+        src_path = sources[source] / "model.onnx"
+        proto = onnx.load(str(src_path)) if kind is None else quantize(src_path, kind, calibration)
+        set_metadata(proto, {"ctredge.model_name": name, "ctredge.model_version": str(cfg.version),
+                             "ctredge.quantization": kind or "none"})
+        p = ort_predict(proto, test.feeds)
+        delta = M.paired_bootstrap_auc_delta(test.labels, p_ref, p, resamples=cfg.bootstrap, seed=cfg.seed)
+        within = -delta.delta <= cfg.budget
+        summary = M.summary(test.labels, p)
+        entry: dict[str, Any] = {
+            "name": name, "version": cfg.version, "source": source, "quantization": kind or "none",
+            "test_auc": summary["auc"], "test_logloss": summary["logloss"],
+            "test_calibration": summary["calibration"], "dauc": delta.delta,
+            "dauc_ci": [delta.low, delta.high], "within_budget": bool(within),
+            "max_abs_diff_vs_keras": float(np.max(np.abs(p - p_ref))),
+            "written": bool(within or cfg.allow_over_budget),
+        }
+        if entry["written"]:
+            final = repo / name / str(cfg.version)
+            with staged_dir(final) as tmp:
+                save_model(proto, tmp / "model.onnx")
+                write_manifest(tmp, stage="variant", config=config_to_dict(cfg), parent=sources[source],
+                               metrics={**entry, "reference_keras_auc": ref_auc, "test_rows": len(test)},
+                               data=manifest["data"], extra={"budget": cfg.budget})
+            _write_serving_config(repo / name, name)
+            entry["size_bytes"] = sum(f.stat().st_size for f in final.iterdir() if f.name != "manifest.json")
+            entry["rss_bytes"] = session_rss_bytes(final / "model.onnx") if cfg.measure_rss else None
+        else:
+            log.warning("%s loses %.5f AUC (budget %.5f): not written (use --allow-over-budget)",
+                        name, -delta.delta, cfg.budget)
+            entry["size_bytes"] = len(proto.SerializeToString())
+            entry["rss_bytes"] = None
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        log.info("%-17s %9s bytes  AUC %.5f  dAUC %+.5f [%+.5f, %+.5f]  %s", name, f"{entry['size_bytes']:,}",
+                 entry["test_auc"], delta.delta, delta.low, delta.high,
+                 "within budget" if within else "OVER BUDGET")
+        entries.append(entry)
+    index = {"models": entries, "reference": {"trained": str(trained_dir), "keras_test_auc": ref_auc,
+                                              "test_rows": len(test), "budget": cfg.budget,
+                                              "trained_manifest_sha256": manifest_hash(trained_dir),
+                                              "feature_spec_key": METADATA_KEY}}
+    (repo / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _write_serving_config(model_dir: Path, name: str) -> None:
+    config: dict[str, Any] = {"dynamic_batching": {"enabled": name not in NO_BATCHING}}
+    if name in NO_BATCHING:
+        config["notes"] = NO_BATCHING[name]
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,91 @@
+"""`compress all` on a tiny trained model: every variant built, loaded on the CPU, judged by the budget."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ctredge.cli import main
+from ctredge.compress.variants import VARIANTS, CompressConfig, compress_all
+from ctredge.datagen import generate
+from ctredge.errors import ConfigError
+from ctredge.train.models import ModelConfig
+from ctredge.train.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    data = root / "clicks.tsv"
+    generate(str(data), rows=12000, seed=2, history=True, click_rate=0.2)
+    out = root / "trained"
+    train(TrainConfig(data=(str(data),), out=str(out), epochs=1, batch_size=512, verbose=0),
+          ModelConfig(model="dcnv2", embedding_dim=8, mlp_units=(32, 16), cross_layers=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo") / "models"
+    index = compress_all(trained, out, CompressConfig(bootstrap=20, prune_epochs=1, allow_over_budget=True,
+                                                      measure_rss=False))
+    return out, index
+
+
+def test_every_variant_is_indexed_and_loads_on_cpu(repo):
+    import onnxruntime as ort
+
+    from ctredge.export.validate import random_feeds
+    from ctredge.export.onnx import load_spec_from_onnx
+
+    out, index = repo
+    assert [e["name"] for e in index["models"]] == list(VARIANTS)
+    on_disk = json.loads((out / "index.json").read_text())
+    assert on_disk["models"] == index["models"]
+    for e in index["models"]:
+        for key in ("name", "version", "source", "quantization", "size_bytes", "rss_bytes", "test_auc", "dauc",
+                    "dauc_ci", "within_budget"):
+            assert key in e
+        path = out / e["name"] / "1" / "model.onnx"
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        spec = load_spec_from_onnx(path)
+        p = sess.run(["ctr"], random_feeds(spec, 5))[0]
+        assert p.shape == (5, 1) and np.isfinite(p).all()
+        assert (out / e["name"] / "config.json").is_file()
+        assert e["dauc_ci"][0] <= e["dauc"] <= e["dauc_ci"][1]
+
+
+def test_full_model_variants_meet_the_budget_and_shrink(repo):
+    _, index = repo
+    by = {e["name"]: e for e in index["models"]}
+    assert by["ctr-fp32"]["dauc"] == pytest.approx(0.0, abs=1e-6)  # validated export: same AUC as Keras
+    for name in ("ctr-fp32", "ctr-fp16", "ctr-int8"):
+        assert by[name]["within_budget"], by[name]
+    assert by["ctr-fp16"]["size_bytes"] < 0.6 * by["ctr-fp32"]["size_bytes"]
+    assert by["ctr-int8"]["size_bytes"] < 0.4 * by["ctr-fp32"]["size_bytes"]
+    assert by["ctr-edge"]["size_bytes"] < by["ctr-int8"]["size_bytes"]
+    assert by["ctr-pruned"]["size_bytes"] < by["ctr-fp32"]["size_bytes"]
+    cfg = json.loads((repo[0] / "ctr-int8-dynamic" / "config.json").read_text())
+    assert cfg["dynamic_batching"]["enabled"] is False and "batch-mates" in cfg["notes"]
+
+
+def test_over_budget_variant_is_listed_but_not_written(trained, tmp_path):
+    out = tmp_path / "strict"
+    index = compress_all(trained, out, CompressConfig(variants=("ctr-fp32", "ctr-int8-dynamic"), budget=0.0,
+                                                      bootstrap=20, measure_rss=False),
+                         work_dir=tmp_path / "work")
+    by = {e["name"]: e for e in index["models"]}
+    assert by["ctr-fp32"]["written"] and (out / "ctr-fp32" / "1" / "model.onnx").is_file()
+    dyn = by["ctr-int8-dynamic"]
+    assert dyn["within_budget"] == (dyn["dauc"] >= 0)
+    assert (out / "ctr-int8-dynamic").exists() == dyn["within_budget"]
+
+
+def test_cli_and_config_errors(trained, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown variant"):
+        CompressConfig(variants=("ctr-fp64",))
+    assert main(["compress", "all", str(trained), "--out", str(tmp_path / "r"), "--variants", "ctr-fp32,ctr-fp16"]) == 0
+    printed = capsys.readouterr().out
+    assert "| ctr-fp16 | fp16 |" in printed and "reference: full Keras model" in printed
