@@ -244,6 +244,35 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- serve / predict
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ctredge.serve.server import ServerOptions, run
+
+    options = ServerOptions(host=args.host, port=args.port, require_gpu=args.require_gpu,
+                            intra_op_threads=args.threads, workers=args.workers,
+                            max_message_bytes=args.max_message_mb * 1024 * 1024)
+
+    def ready(port: int) -> None:
+        print(f"serving {args.repository} on {args.host}:{port}", flush=True)
+
+    run(args.repository, options, on_ready=ready)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ctredge.reader import resolve_spec
+    from ctredge.serve.client import Client, predict_file
+
+    spec = resolve_spec(args.data, args.spec, buckets=args.buckets) if args.spec else None
+    with Client(args.url, timeout=args.timeout) as client:
+        for _, probs in predict_file(client, args.model, args.data, spec=spec, limit=args.limit,
+                                     batch_size=args.batch_size, version=args.version,
+                                     skip_bad_rows=args.skip_bad_rows):
+            sys.stdout.write("".join(f"{p:.6f}\n" for p in probs.tolist()))
+    sys.stdout.flush()
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctredge", description="CTR models from training to a production server.")
@@ -331,6 +360,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--force", action="store_true", help="redo stages whose artifacts already exist")
     pl.add_argument("--skip-compress", action="store_true", help="stop after training")
     pl.set_defaults(func=cmd_pipeline)
+
+    sv = sub.add_parser("serve", help="serve a model repository over gRPC (Open Inference Protocol v2, ONNX Runtime)")
+    sv.add_argument("--repository", required=True, help="REPO/<model>/<version>/model.onnx (+ config.json)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8001, help="0 picks a free port (printed)")
+    sv.add_argument("--require-gpu", action="store_true", help="fail unless models run on the CUDA provider")
+    sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model (default: config.json, 1)")
+    sv.add_argument("--workers", type=int, help="threads running inferences concurrently (default: CPU count)")
+    sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
+    sv.set_defaults(func=cmd_serve)
+
+    pr = sub.add_parser("predict", help="score a click log through a running server (raw values, server-side hashing)")
+    pr.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--version", default="", help="model version (default: the latest ready)")
+    pr.add_argument("--data", required=True, help="click log, .tsv or .tsv.gz")
+    pr.add_argument("--spec", help="FeatureSpec JSON or 'criteo' (default: the model's, from the server)")
+    pr.add_argument("--buckets", type=int, default=100_000, help="hash buckets per feature with --spec criteo")
+    pr.add_argument("--limit", type=int, help="read at most this many lines")
+    pr.add_argument("--batch-size", type=int, default=256, help="rows per request")
+    pr.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    pr.add_argument("--skip-bad-rows", action="store_true")
+    pr.set_defaults(func=cmd_predict)
     return p
 
 

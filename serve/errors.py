@@ -1,0 +1,74 @@
+"""Typed serving errors and the one place that maps them to gRPC status codes.
+
+Every error the server raises on purpose is a :class:`ServeError`; its class
+fixes the gRPC status the client sees (:func:`grpc_status`).  Messages say what
+was expected and what came, e.g. ``input 'cat': got shape [2, 3], expected
+[-1, 11]``.  Anything else that escapes a handler is a bug: it is logged with its
+traceback and answered ``INTERNAL``, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ctredge.errors import CtrEdgeError
+
+
+class ServeError(CtrEdgeError):
+    """Base class of the serving errors; answered ``INTERNAL`` unless a subclass says otherwise."""
+
+    code_name = "INTERNAL"
+
+
+class InvalidInput(ServeError, ValueError):
+    """The request does not fit the model: name, dtype, shape, byte length, batch, id range."""
+
+    code_name = "INVALID_ARGUMENT"
+
+
+class ModelNotFound(ServeError, LookupError):
+    """No model of that name, or no such version of it, in the repository."""
+
+    code_name = "NOT_FOUND"
+
+
+class ModelUnavailable(ServeError):
+    """The model (version) exists but is not ready: it failed to load, or is still loading."""
+
+    code_name = "UNAVAILABLE"
+
+
+class ResourceExhausted(ServeError):
+    """The request is too large for the server's limits or queues."""
+
+    code_name = "RESOURCE_EXHAUSTED"
+
+
+class Unimplemented(ServeError):
+    """A protocol call this server does not implement (yet)."""
+
+    code_name = "UNIMPLEMENTED"
+
+
+class LoadError(ServeError):
+    """A model could not be loaded (file, metadata, providers or warm-up); the reason says which."""
+
+
+class GpuRequired(LoadError):
+    """``--require-gpu`` was given and a model would not run on the CUDA execution provider."""
+
+
+def grpc_status(exc: BaseException) -> tuple[Any, str]:
+    """The ``(grpc.StatusCode, message)`` answering ``exc``.
+
+    Takes any exception; :class:`ServeError` subclasses pick their code, other
+    ctredge errors (a malformed spec in a request's data...) are
+    ``INVALID_ARGUMENT``, everything else ``INTERNAL``.
+    """
+    import grpc
+
+    if isinstance(exc, ServeError):
+        return getattr(grpc.StatusCode, exc.code_name), str(exc)
+    if isinstance(exc, CtrEdgeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

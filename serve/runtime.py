@@ -1,0 +1,251 @@
+"""ONNX Runtime sessions for serving: providers, thread settings, and the per-model ``Runner``.
+
+Providers.  ``"auto"`` asks for the CUDA execution provider when this
+onnxruntime build has it, then the CPU.  onnxruntime-gpu falls back to the CPU
+*silently* when the CUDA libraries are missing, even when only CUDA is
+requested, so the provider in use is read back from ``session.get_providers()``,
+logged, and shown by the server; with ``require_gpu`` a model that asked for
+CUDA and did not get it fails to load (:class:`GpuRequired`) instead.
+
+Threads.  By default every session runs with 1 intra-op thread, 1 inter-op
+thread and spinning off (``session.intra_op.allow_spinning=0``): on a small
+machine shared with other processes, spinning thread pools were measured 12x
+slower (DESIGN.md).  Parallelism comes from running several requests at once on
+the server's executor threads, each Run on one core.
+
+``Runner.predict(feeds)`` is the async seam of a model: it runs the session off
+the event loop on the executor's threads (ONNX Runtime releases the GIL) and
+returns ``{output: array}``.  Requests of at most ``inline_max_rows`` rows run
+on the event-loop thread instead: on 2 shared cores the hop to a worker thread
+and back cost ~0.5 ms p50 and several ms p99, more than a small batch's run.
+A dynamic batcher can wrap it with the same signature.  On CUDA it uses IO
+binding (inputs copied once to the device, outputs bound to host memory).
+Every run is counted in :class:`RunStats` and passed to ``observers`` (the hook
+for metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ctredge.serve.errors import GpuRequired, InvalidInput, LoadError, ServeError
+
+log = logging.getLogger("ctredge.serve")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+GPU_PROVIDERS = (CUDA, TENSORRT)
+PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT, "trt": TENSORRT}
+
+
+def available_providers() -> list[str]:
+    """Execution providers compiled into the installed onnxruntime."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def canonical_provider(name: str) -> str:
+    """``cuda`` -> ``CUDAExecutionProvider`` (full names and ``auto`` pass through)."""
+    return PROVIDER_ALIASES.get(name.lower(), name) if name != "auto" else name
+
+
+def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The provider list to ask ONNX Runtime for.
+
+    Takes the configured names (``["auto"]``, or names such as ``cuda``, ``cpu``,
+    ``CUDAExecutionProvider``) and the providers this onnxruntime has.  ``auto``
+    is CUDA then CPU when CUDA is available, else CPU.  Providers this build lacks
+    are dropped (logged); the CPU is always last, as the fallback.
+    """
+    names = [canonical_provider(p) for p in requested]
+    if names == ["auto"]:
+        names = [CUDA, CPU] if CUDA in available else [CPU]
+    out = []
+    for p in names:
+        if p in available and p not in out:
+            out.append(p)
+        elif p not in available:
+            log.warning("execution provider %s is not in this onnxruntime build (it has %s); skipping it",
+                        p, list(available))
+    if CPU not in out:
+        out.append(CPU)
+    return out
+
+
+def session_options(*, intra_op_threads: int = 1, inter_op_threads: int = 1, allow_spinning: bool = False) -> Any:
+    """ONNX Runtime ``SessionOptions`` for serving (sequential execution, quiet logs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = int(inter_op_threads)
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    spin = "1" if allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    opts.log_severity_level = 3
+    return opts
+
+
+def create_session(path: str, *, providers: Sequence[str] = ("auto",), intra_op_threads: int = 1,
+                   inter_op_threads: int = 1, allow_spinning: bool = False, require_gpu: bool = False,
+                   label: str = "") -> tuple[Any, str]:
+    """Open an ONNX Runtime session and report the provider it really uses.
+
+    Returns ``(session, provider)`` where ``provider`` is ``session.get_providers()[0]``.
+
+    Raises:
+        GpuRequired: ``require_gpu`` and a GPU provider was wanted but is not in use
+            (not in this build, or its libraries failed to load).
+        LoadError: ONNX Runtime cannot load the file (the reason is its message).
+    """
+    import onnxruntime as ort
+
+    available = available_providers()
+    wanted = resolve_providers(providers, available)
+    asked_gpu = any(canonical_provider(p) in GPU_PROVIDERS or p == "auto" for p in providers)
+    if require_gpu and asked_gpu and not any(p in GPU_PROVIDERS for p in wanted):
+        raise GpuRequired(f"{label}: --require-gpu, but this onnxruntime has no CUDA provider (available: "
+                          f"{available}); install onnxruntime-gpu (pip install -e '.[gpu,serve]')")
+    opts = session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                           allow_spinning=allow_spinning)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise LoadError(f"{label}: ONNX Runtime cannot load {path}: {exc}") from exc
+    in_use = list(session.get_providers())
+    provider = in_use[0] if in_use else CPU
+    if wanted[0] in GPU_PROVIDERS and provider not in GPU_PROVIDERS:
+        msg = (f"{label}: {wanted[0]} was requested but ONNX Runtime runs the model on {provider} "
+               f"(CUDA/cuDNN libraries missing or incompatible?)")
+        if require_gpu:
+            raise GpuRequired(msg + "; failing because of --require-gpu")
+        log.warning("%s; serving on the CPU", msg)
+    elif asked_gpu and provider == CPU and CUDA not in available:
+        log.info("%s: no CUDA provider in this onnxruntime build; falling back to the CPU", label)
+    log.info("%s: running on %s (session providers %s; intra-op threads %d, spinning %s)",
+             label, provider, in_use, intra_op_threads, "on" if allow_spinning else "off")
+    return session, provider
+
+
+@dataclass
+class RunRecord:
+    """One call of :meth:`Runner.predict`, as passed to observers."""
+
+    model: str
+    version: int
+    rows: int
+    seconds: float
+    ok: bool
+
+
+@dataclass
+class RunStats:
+    """Counters of a runner (ModelStatistics and metrics build on these)."""
+
+    runs: int = 0
+    rows: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    last_run_ns: int = 0
+
+    def add(self, record: RunRecord) -> None:
+        if record.ok:
+            self.runs += 1
+            self.rows += record.rows
+            self.seconds += record.seconds
+        else:
+            self.failures += 1
+        self.last_run_ns = time.time_ns()
+
+
+@dataclass
+class Runner:
+    """One model version's ONNX Runtime session behind an async ``predict(feeds)``.
+
+    ``executor``: where sessions run (None: the event loop's default executor).
+    ``inline_max_rows``: requests up to this many rows run on the calling
+    (event-loop) thread; 0 sends every run to the executor.
+    ``io_binding``: None picks it for GPU providers; True forces it (tests on CPU).
+    """
+
+    session: Any
+    name: str = "model"
+    version: int = 1
+    provider: str = CPU
+    executor: Executor | None = None
+    inline_max_rows: int = 0
+    io_binding: bool | None = None
+    stats: RunStats = field(default_factory=RunStats)
+    observers: list[Callable[[RunRecord], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if self.io_binding is None:
+            self.io_binding = self.provider in GPU_PROVIDERS
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session in the calling thread; returns ``{output name: array}``.
+
+        Raises:
+            InvalidInput: ONNX Runtime rejects the inputs (its InvalidArgument).
+            ServeError: any other ONNX Runtime failure (answered INTERNAL).
+        """
+        try:
+            if self.io_binding and not any(v.dtype == object for v in feeds.values()):
+                return self._run_bound(feeds)
+            outs = self.session.run(self.output_names, dict(feeds))
+        except Exception as exc:
+            kind = type(exc).__name__
+            if kind == "InvalidArgument":
+                raise InvalidInput(f"ONNX Runtime rejected the inputs: {exc}") from exc
+            raise ServeError(f"ONNX Runtime failed on {self.name} v{self.version}: {kind}: {exc}") from exc
+        return dict(zip(self.output_names, outs))
+
+    def _run_bound(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    async def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on ``feeds`` off the event loop; same returns and raises as :meth:`run`."""
+        loop = asyncio.get_running_loop()
+        rows = _rows(feeds)
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            if rows <= self.inline_max_rows:
+                out = self.run(feeds)
+            else:
+                out = await loop.run_in_executor(self.executor, self.run, feeds)
+            ok = True
+            return out
+        finally:
+            self._record(RunRecord(self.name, self.version, rows, time.perf_counter() - t0, ok))
+
+    def _record(self, record: RunRecord) -> None:
+        self.stats.add(record)
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:  # an observer must never fail a request
+                log.exception("run observer %r failed", observer)
+
+
+def _rows(feeds: Mapping[str, np.ndarray]) -> int:
+    for v in feeds.values():
+        return int(v.shape[0]) if v.ndim else 1
+    return 0
