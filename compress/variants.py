@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,8 @@ def _prepare_sources(trained_dir: Path, work: Path, cfg: CompressConfig, need_pr
                      cfg.sparsity, cfg.structured, cfg.vocab_min_count)
             prune(trained_dir, pruned, PruneConfig(sparsity=cfg.sparsity, structured=cfg.structured,
                                                    vocab_min_count=cfg.vocab_min_count,
-                                                   epochs=cfg.prune_epochs, seed=cfg.seed))
+                                                   epochs=cfg.prune_epochs, seed=cfg.seed,
+                                                   verbose=1 if sys.stdout.isatty() else 2))
         sources["pruned"] = work / "export-pruned"
         if force or not _reusable(sources["pruned"], pruned):
             log.info("exporting the pruned model to ONNX")

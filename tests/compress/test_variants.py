@@ -91,3 +91,15 @@ def test_cli_and_config_errors(trained, tmp_path, capsys):
     assert main(["compress", "all", str(trained), "--out", str(tmp_path / "r"), "--variants", "ctr-fp32,ctr-fp16"]) == 0
     printed = capsys.readouterr().out
     assert "| ctr-fp16 | fp16 |" in printed and "reference: full Keras model" in printed
+
+
+def test_latency_benchmark_measures_every_variant(repo, capsys):
+    from ctredge.benchmarks.latency import main as latency_main
+
+    out, index = repo
+    assert latency_main(["--repository", str(out), "--batches", "1,8", "--seconds", "0.2",
+                         "--out", str(out.parent / "lat.json")]) == 0
+    results = json.loads((out.parent / "lat.json").read_text())["results"]
+    assert {(r["model"], r["batch"]) for r in results} == {(e["name"], b) for e in index["models"] for b in (1, 8)}
+    assert all(r["runs"] > 0 and r["p50_ms"] > 0 for r in results)
+    assert "| ctr-edge | 8 |" in capsys.readouterr().out
