@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from ctredge.serve.client import Client
 
     tmp = tempfile.TemporaryDirectory(prefix="ctredge-latency-")
+    if args.repository and not args.data:
+        p.error("--repository needs --data (a click log matching the model's FeatureSpec)")
     repository, data = (Path(args.repository), Path(args.data)) if args.repository else \
         _make_repository(Path(tmp.name))
     proc, url = _start_server(repository) if not args.url else (None, args.url)
