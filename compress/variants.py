@@ -211,7 +211,7 @@ def compress_all(trained_dir: str | os.PathLike[str], repo: str | os.PathLike[st
 
 
 def _write_serving_config(model_dir: Path, name: str) -> None:
-    config: dict[str, Any] = {"dynamic_batching": {"enabled": name not in NO_BATCHING}}
-    if name in NO_BATCHING:
-        config["notes"] = NO_BATCHING[name]
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    from ctredge.serve.repository import DynamicBatching, ServingConfig, write_serving_config
+
+    write_serving_config(model_dir, ServingConfig(dynamic_batching=DynamicBatching(enabled=name not in NO_BATCHING),
+                                                  notes=NO_BATCHING.get(name, "")))

@@ -222,6 +222,11 @@ class FeatureSpec:
             sig[INPUT_HIST] = ("int64", (None, self.history.max_len))
         return sig
 
+    def onnx_input_types(self) -> dict[str, tuple[str, int]]:
+        """``{name: (ONNX Runtime type string, rank)}`` every graph input must have."""
+        return {name: ("tensor(float)" if dt == "float32" else "tensor(int64)", len(shape))
+                for name, (dt, shape) in self.input_signature().items()}
+
     def columns(self, kind: str, side: str) -> list[int]:
         """Indices of the ``kind`` (``dense``/``cat``) columns tagged ``side``."""
         feats = {"dense": self.dense, "cat": self.cat}.get(kind)

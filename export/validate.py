@@ -48,8 +48,7 @@ def random_feeds(spec: FeatureSpec, batch: int, seed: int = 0) -> dict[str, np.n
 
 def check_signature(session: Any, spec: FeatureSpec) -> None:
     """Raise unless an ORT session has exactly the spec's inputs and the output ``ctr``."""
-    expected = {name: ("tensor(float)" if dt == "float32" else "tensor(int64)", len(shape))
-                for name, (dt, shape) in spec.input_signature().items()}
+    expected = spec.onnx_input_types()
     got = {i.name: (i.type, len(i.shape)) for i in session.get_inputs()}
     if got != expected:
         raise ValidationError(f"ONNX inputs differ from the FeatureSpec: expected {expected}, got {got}")

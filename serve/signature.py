@@ -466,8 +466,7 @@ def _last_tokens(value: bytes, count: int) -> list[bytes]:
 
 def check_session(session: Any, spec: FeatureSpec) -> None:
     """Raise :class:`LoadError` unless the ONNX session's inputs/outputs follow the spec."""
-    want = {n: ("tensor(float)" if dt == "float32" else "tensor(int64)", len(s))
-            for n, (dt, s) in spec.input_signature().items()}
+    want = spec.onnx_input_types()
     got = {i.name: (i.type, len(i.shape)) for i in session.get_inputs()}
     if got != want:
         raise LoadError(f"the graph's inputs do not follow its FeatureSpec: expected {want}, got {got}")
