@@ -250,9 +250,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(host=args.host, port=args.port, require_gpu=args.require_gpu,
                             intra_op_threads=args.threads, workers=args.workers,
-                            max_message_bytes=args.max_message_mb * 1024 * 1024)
+                            max_message_bytes=args.max_message_mb * 1024 * 1024,
+                            dynamic_batching={"on": True, "off": False, "config": None}[args.batching],
+                            metrics_port=args.metrics_port, poll_seconds=args.poll_seconds,
+                            grace_seconds=args.grace_seconds)
 
-    def ready(port: int) -> None:
+    def ready(port: int, metrics_port: int | None = None) -> None:
+        if metrics_port is not None:
+            print(f"metrics on http://{args.host}:{metrics_port}/metrics", file=sys.stderr, flush=True)
         print(f"serving {args.repository} on {args.host}:{port}", flush=True)
 
     run(args.repository, options, on_ready=ready)
@@ -369,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model (default: config.json, 1)")
     sv.add_argument("--workers", type=int, help="threads running inferences concurrently (default: CPU count)")
     sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
+    sv.add_argument("--batching", choices=("config", "on", "off"), default="config",
+                    help="dynamic batching: as each model's config.json says (default), or forced on/off")
+    sv.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (0: any)")
+    sv.add_argument("--poll-seconds", type=float,
+                    help="re-read the repository this often, loading new/changed versions (default: off)")
+    sv.add_argument("--grace-seconds", type=float, default=5.0,
+                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     sv.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("predict", help="score a click log through a running server (raw values, server-side hashing)")

@@ -44,6 +44,18 @@ class ResourceExhausted(ServeError):
     code_name = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(ServeError):
+    """The request's deadline passed before it ran (it is never run late)."""
+
+    code_name = "DEADLINE_EXCEEDED"
+
+
+class ShuttingDown(ServeError):
+    """The server is draining after SIGTERM/SIGINT: in-flight requests finish, new ones are refused."""
+
+    code_name = "UNAVAILABLE"
+
+
 class Unimplemented(ServeError):
     """A protocol call this server does not implement (yet)."""
 
@@ -52,6 +64,12 @@ class Unimplemented(ServeError):
 
 class LoadError(ServeError):
     """A model could not be loaded (file, metadata, providers or warm-up); the reason says which."""
+
+
+class LoadRefused(ServeError):
+    """RepositoryModelLoad found a version it cannot serve; what already served keeps serving."""
+
+    code_name = "INVALID_ARGUMENT"
 
 
 class GpuRequired(LoadError):

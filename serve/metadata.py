@@ -72,11 +72,12 @@ def model_config(mv: ModelVersion) -> Any:
         conf.version_policy.specific.versions.extend(policy.versions)
     else:
         conf.version_policy.latest.num_versions = policy.num_versions
-    if cfg.dynamic_batching.enabled:
+    scheduler = mv.predictor
+    if scheduler is not None and getattr(scheduler, "enabled", False):
         db = cfg.dynamic_batching
         conf.dynamic_batching.max_queue_delay_microseconds = db.max_queue_delay_us
         conf.dynamic_batching.default_queue_policy.max_queue_size = db.max_queue_size
-    conf.instance_group.add(name=mv.name, count=1,
+    conf.instance_group.add(name=mv.name, count=getattr(scheduler, "max_concurrency", 1),
                             kind=mc.ModelInstanceGroup.KIND_GPU if mv.provider in GPU_PROVIDERS
                             else mc.ModelInstanceGroup.KIND_CPU)
     params = {
@@ -86,7 +87,9 @@ def model_config(mv: ModelVersion) -> Any:
         "inter_op_threads": str(cfg.inter_op_threads),
         "allow_spinning": str(cfg.allow_spinning).lower(),
         "inline_max_rows": str(cfg.inline_max_rows),
+        "dynamic_batching": "on" if getattr(scheduler, "enabled", False) else "off",
         "dynamic_batching.max_batch_rows": str(cfg.dynamic_batching.max_batch_rows),
+        "row_alignment": str(getattr(scheduler, "alignment", 1)),
         "version": str(mv.version),
         "notes": cfg.notes,
     }

@@ -6,7 +6,8 @@ Layout (Triton-like)::
     REPO/<model>/<version>/model.onnx      version: a positive integer folder name
     REPO/<model>/<version>/config.json     optional; its keys override the model's for this version
 
-Every model is loaded at start.  Which versions load is the model's
+Every model is loaded at start, and reloaded by RepositoryModelLoad or polling
+(see :class:`Repository`).  Which versions load is the model's
 ``version_policy`` (default: the latest one); a request without a version gets
 the highest version that is ready.  A version that fails to load (unreadable
 file, bad config, a FeatureSpec the graph does not follow, a failed warm-up) is
@@ -22,12 +23,17 @@ others serve.
       "intra_op_threads": 1,           ONNX Runtime threads per Run
       "inter_op_threads": 1,
       "allow_spinning": false,         session.intra_op/inter_op.allow_spinning
-      "inline_max_rows": 16,           requests up to this many rows run on the event-loop thread
+      "inline_max_rows": 16,           runs of up to this many rows happen on the event-loop thread
                                        (no thread hop); larger ones on worker threads; 0 = never inline
-      "dynamic_batching": {            (used by the batcher)
-        "enabled": false,
-        "max_batch_rows": 4096,        rows merged into one Run
-        "max_queue_delay_us": 500,     how long the first request of a batch may wait
+      "row_alignment": 8,              each request is padded to a multiple of this many rows so its
+                                       answer never depends on batch-mates (1 = no padding)
+      "instances": 0,                  runs of this model at once (0 = the server's --workers)
+      "dynamic_batching": {            (serve/batcher.py)
+        "enabled": true,               false: every request is its own run
+        "max_batch_rows": 4096,        rows merged into one run
+        "max_queue_delay_us": 0,       how long the oldest waiting request may wait for batch-mates
+                                       once a run slot is free (0: run what is queued at once;
+                                       batches still form while every slot is busy)
         "max_queue_size": 1024         requests waiting; beyond, RESOURCE_EXHAUSTED
       },
       "version_policy": {"kind": "latest", "num_versions": 1},
@@ -45,9 +51,9 @@ import json
 import logging
 import os
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ctredge.config import config_from_dict, config_to_dict
 from ctredge.errors import ConfigError, CtrEdgeError
@@ -55,6 +61,7 @@ from ctredge.features import METADATA_KEY, FeatureSpec
 from ctredge.serve.errors import GpuRequired, LoadError, ModelNotFound, ModelUnavailable
 from ctredge.serve.runtime import PROVIDER_ALIASES, Runner, create_session
 from ctredge.serve.signature import CtrSignature, PlainSignature, check_session
+from ctredge.serve.stats import ModelStats
 
 log = logging.getLogger("ctredge.serve")
 
@@ -70,11 +77,11 @@ def _is_int(v: Any, low: int) -> bool:
 
 @dataclass(frozen=True)
 class DynamicBatching:
-    """Server-side batching of concurrent requests (parsed now; the batcher uses it)."""
+    """Server-side batching of concurrent requests (:mod:`ctredge.serve.batcher`)."""
 
-    enabled: bool = False
+    enabled: bool = True
     max_batch_rows: int = 4096
-    max_queue_delay_us: int = 500
+    max_queue_delay_us: int = 0
     max_queue_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -129,6 +136,8 @@ class ServingConfig:
     inter_op_threads: int = 1
     allow_spinning: bool = False
     inline_max_rows: int = 16
+    row_alignment: int = 8
+    instances: int = 0
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     notes: str = ""
@@ -151,6 +160,11 @@ class ServingConfig:
             if not _is_int(getattr(self, name), 0):
                 raise ConfigError(f"{name}: expected an integer >= 0 (0 = ONNX Runtime decides), "
                                   f"got {getattr(self, name)!r}")
+        if not _is_int(self.row_alignment, 1):
+            raise ConfigError(f"row_alignment: expected an integer >= 1 (1 = no padding), got {self.row_alignment!r}")
+        if not _is_int(self.instances, 0):
+            raise ConfigError(f"instances: expected an integer >= 0 (0 = the server's worker count), "
+                              f"got {self.instances!r}")
         if not _is_int(self.inline_max_rows, 0):
             raise ConfigError(f"inline_max_rows: expected an integer >= 0, got {self.inline_max_rows!r}")
         if not isinstance(self.allow_spinning, bool):
@@ -228,10 +242,11 @@ def read_serving_config(model_dir: str | os.PathLike[str], version: int | None =
 # =========================================================================== models
 @dataclass
 class ModelVersion:
-    """One ``REPO/<model>/<version>``: its state and, once loaded, its signature and predictor.
+    """One ``REPO/<model>/<version>``: its state and, once loaded, its signature, runner and scheduler.
 
-    ``predictor`` has ``async predict(feeds) -> {output: array}``: the runner
-    itself, or a batcher in front of it.
+    ``predictor`` is the :class:`~ctredge.serve.batcher.Scheduler`:
+    ``await predictor.predict(feeds, deadline) -> ({output: array}, Timing)``.
+    ``fingerprint`` identifies the files it was loaded from (a change reloads it).
     """
 
     name: str
@@ -244,6 +259,8 @@ class ModelVersion:
     runner: Runner | None = None
     predictor: Any = None
     provider: str = ""
+    stats: ModelStats | None = None
+    fingerprint: tuple = ()
 
     @property
     def ready(self) -> bool:
@@ -254,24 +271,56 @@ class ModelVersion:
         return getattr(self.signature, "spec", None)
 
 
+def fingerprint(path: Path) -> tuple:
+    """(name, size, mtime_ns) of every file under ``path`` (a model or version folder), sorted."""
+    out = []
+    for p in sorted(path.rglob("*")):
+        try:
+            if p.is_file():
+                st = p.stat()
+                out.append((str(p.relative_to(path)), st.st_size, st.st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Server-wide settings applied while loading versions (from ``ServerOptions``).
+
+    ``dynamic_batching``: None keeps each model's config, True/False forces it.
+    ``max_concurrency``: runs of one model at once when its config says ``instances: 0``.
+    """
+
+    require_gpu: bool = False
+    intra_op_threads: int | None = None
+    dynamic_batching: bool | None = None
+    max_concurrency: int = 1
+
+
 def load_version(mv: ModelVersion, *, require_gpu: bool = False, intra_op_threads: int | None = None,
-                 executor: Executor | None = None) -> None:
-    """Load one model version in the calling thread: session, signature, warm-up; sets ``mv`` READY.
+                 executor: Executor | None = None, settings: LoadSettings | None = None,
+                 on_execution: Callable[[ModelVersion, Any], None] | None = None) -> None:
+    """Load one model version in the calling thread: session, signature, warm-up, scheduler; sets ``mv`` READY.
 
     Raises:
         GpuRequired: ``require_gpu`` and the model would not run on a GPU provider.
         LoadError / ConfigError / CtrEdgeError: the reason the version cannot serve.
     """
+    from ctredge.serve.batcher import Scheduler
+
+    settings = settings or LoadSettings(require_gpu=require_gpu, intra_op_threads=intra_op_threads)
     label = f"{mv.name} v{mv.version}"
+    mv.fingerprint = fingerprint(mv.path)
     cfg = mv.config if mv.config is not None else read_serving_config(mv.path.parent, mv.version)
     mv.config = cfg
     model_file = mv.path / MODEL_FILE
     if not model_file.is_file():
         raise LoadError(f"{label}: {model_file} is missing")
-    threads = cfg.intra_op_threads if intra_op_threads is None else intra_op_threads
+    threads = cfg.intra_op_threads if settings.intra_op_threads is None else settings.intra_op_threads
     session, provider = create_session(str(model_file), providers=cfg.providers, intra_op_threads=threads,
                                        inter_op_threads=cfg.inter_op_threads, allow_spinning=cfg.allow_spinning,
-                                       require_gpu=require_gpu, label=label)
+                                       require_gpu=settings.require_gpu, label=label)
     meta = dict(session.get_modelmeta().custom_metadata_map)
     if METADATA_KEY in meta:
         try:
@@ -291,80 +340,263 @@ def load_version(mv: ModelVersion, *, require_gpu: bool = False, intra_op_thread
         out = runner.run(signature.warmup_feeds(seed=0))
     except Exception as exc:
         raise LoadError(f"{label}: warm-up inference failed: {exc}") from exc
-    log.info("%s: warmed up (%s), %s", label, ", ".join(f"{k} {list(v.shape)}" for k, v in out.items()),
-             "ctredge FeatureSpec " + repr(spec.name) if signature.spec is not None else "plain ONNX model")
-    mv.signature, mv.runner, mv.predictor, mv.provider = signature, runner, runner, provider
+    batching = cfg.dynamic_batching
+    if settings.dynamic_batching is not None and settings.dynamic_batching != batching.enabled:
+        log.info("%s: dynamic batching forced %s by the server (config.json says %s)", label,
+                 "on" if settings.dynamic_batching else "off", "on" if batching.enabled else "off")
+        batching = replace(batching, enabled=settings.dynamic_batching)
+    stats = ModelStats(mv.name, mv.version)
+    scheduler = Scheduler(runner, batching, batchable=bool(signature.batched), alignment=cfg.row_alignment,
+                          max_concurrency=cfg.instances or settings.max_concurrency,
+                          inline_max_rows=cfg.inline_max_rows,
+                          on_execution=(lambda e: on_execution(mv, e)) if on_execution else None)
+    log.info("%s: warmed up (%s), %s; dynamic batching %s", label,
+             ", ".join(f"{k} {list(v.shape)}" for k, v in out.items()),
+             "ctredge FeatureSpec " + repr(spec.name) if signature.spec is not None else "plain ONNX model",
+             (f"on (max {batching.max_batch_rows} rows, delay {batching.max_queue_delay_us} us, queue "
+              f"{batching.max_queue_size}, {scheduler.max_concurrency} concurrent runs)")
+             if scheduler.enabled else "off")
+    mv.signature, mv.runner, mv.predictor, mv.provider, mv.stats = signature, runner, scheduler, provider, stats
     mv.state, mv.reason = READY, ""
 
 
 class Repository:
-    """All models of a repository folder; :meth:`load` loads them, :meth:`get` finds one for a request."""
+    """All models of a repository folder: load, reload, unload, and find the version a request names.
+
+    Reloads (:meth:`load_model`, from RepositoryModelLoad or polling) load and
+    warm every new or changed version the policy selects before it takes
+    traffic; the versions it replaces stop taking new requests, finish the ones
+    they have, and are released.  If a selected version fails to load, the
+    versions already serving keep serving (logged) and the failed one is listed
+    ``UNAVAILABLE`` with the reason.
+    """
 
     def __init__(self, root: str | os.PathLike[str], *, require_gpu: bool = False,
-                 intra_op_threads: int | None = None, executor: Executor | None = None):
+                 intra_op_threads: int | None = None, executor: Executor | None = None,
+                 settings: LoadSettings | None = None, metrics: Any = None, drain_seconds: float = 30.0):
         self.root = Path(root)
-        self.require_gpu = require_gpu
-        self.intra_op_threads = intra_op_threads
+        self.settings = settings or LoadSettings(require_gpu=require_gpu, intra_op_threads=intra_op_threads)
+        self.require_gpu = self.settings.require_gpu
         self.executor = executor
+        self.metrics = metrics
+        self.drain_seconds = drain_seconds
         self.versions: dict[str, dict[int, ModelVersion]] = {}
         self.loaded = False
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._seen: dict[str, tuple] = {}  # model folder fingerprints at the last (re)load
+        self._draining: set[asyncio.Task] = set()
 
-    def scan(self) -> list[ModelVersion]:
-        """Find models and versions; mark the ones outside the version policy (or with a bad config).
-
-        Returns the versions to load.  Raises :class:`LoadError` if ``root`` is not a folder.
-        """
+    # ------------------------------------------------------------------ loading
+    def model_dirs(self) -> list[Path]:
+        """Model folders of the repository (hidden ones skipped).  Raises :class:`LoadError` if ``root`` is not a folder."""
         if not self.root.is_dir():
             raise LoadError(f"model repository {self.root} is not a folder")
-        to_load = []
-        self.versions = {}
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            found = {int(p.name): p for p in model_dir.iterdir()
-                     if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
-            if not found:
-                log.warning("%s: no version folders (REPO/<model>/<version>/%s); skipped", model_dir, MODEL_FILE)
-                continue
-            entries = {v: ModelVersion(model_dir.name, v, p) for v, p in sorted(found.items())}
-            self.versions[model_dir.name] = entries
-            try:
-                policy = read_serving_config(model_dir).version_policy
-            except ConfigError as exc:
-                for mv in entries.values():
-                    mv.state, mv.reason = UNAVAILABLE, str(exc)
-                log.error("model %s cannot be served: %s", model_dir.name, exc)
-                continue
-            selected = policy.select(list(entries))
-            for v, mv in entries.items():
-                if v in selected:
-                    to_load.append(mv)
-                else:
-                    mv.state, mv.reason = UNAVAILABLE, "not selected by the version_policy"
-        return to_load
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     async def load(self) -> None:
-        """Scan and load every selected version, one at a time, off the event loop.
+        """Load every model of the repository, one version at a time, off the event loop.
 
         Raises:
             GpuRequired: with ``require_gpu``, the first model that would not run on the GPU.
             LoadError: ``root`` is not a folder.
         """
-        loop = asyncio.get_running_loop()
-        for mv in self.scan():
-            try:
-                await loop.run_in_executor(None, lambda mv=mv: load_version(
-                    mv, require_gpu=self.require_gpu, intra_op_threads=self.intra_op_threads,
-                    executor=self.executor))
-            except GpuRequired:
-                raise
-            except Exception as exc:  # one bad model never stops the others
-                mv.state, mv.reason = UNAVAILABLE, str(exc)
-                if isinstance(exc, CtrEdgeError):
-                    log.error("model %s v%d failed to load: %s", mv.name, mv.version, exc)
-                else:
-                    log.exception("model %s v%d failed to load", mv.name, mv.version)
+        for model_dir in self.model_dirs():
+            await self.load_model(model_dir.name, initial=True)
         self.loaded = True
         ready = [f"{m.name} v{m.version} ({m.provider})" for m in self.all() if m.ready]
         log.info("repository %s: %d version(s) ready: %s", self.root, len(ready), ", ".join(ready) or "none")
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _set_state(self, mv: ModelVersion, state: str, reason: str = "") -> None:
+        mv.state, mv.reason = state, reason
+        if self.metrics is not None:
+            self.metrics.state(mv.name, str(mv.version), state, mv.provider)
+
+    def _on_execution(self, mv: ModelVersion, e: Any) -> None:
+        if e.ok and mv.stats is not None:
+            mv.stats.execution(e.rows, e.input_ns, e.infer_ns, e.output_ns)
+        if e.ok and self.metrics is not None:
+            self.metrics.execution(mv.name, str(mv.version), e.rows)
+
+    async def load_model(self, name: str, *, initial: bool = False) -> list[str]:
+        """(Re)load model ``name`` from its folder; returns the problems found (empty when all went well).
+
+        New and changed versions that the policy selects are loaded and warmed
+        first; only then does the model's version table switch, and the versions
+        no longer served drain in the background.
+
+        Raises:
+            ModelNotFound: no folder ``REPO/name``.
+            GpuRequired: with ``require_gpu``.
+        """
+        async with self._lock(name):
+            return await self._load_model(name, initial)
+
+    async def _load_model(self, name: str, initial: bool) -> list[str]:
+        model_dir = self.root / name
+        if not model_dir.is_dir() or name.startswith("."):
+            raise ModelNotFound(f"model {name!r} has no folder in the repository {self.root}")
+        self._seen[name] = fingerprint(model_dir)
+        current = self.versions.get(name, {})
+        found = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
+        if not found:
+            log.warning("%s: no version folders (REPO/<model>/<version>/%s); skipped", model_dir, MODEL_FILE)
+            if current:
+                await self._retire(name, list(current.values()), "its version folders were removed")
+                self.versions.pop(name, None)
+            return [f"{name}: no version folders"]
+        try:
+            policy = read_serving_config(model_dir).version_policy
+        except ConfigError as exc:
+            serving = [mv for mv in current.values() if mv.ready]
+            if serving:
+                msg = (f"model {name}: new config refused, keeping {', '.join(f'v{mv.version}' for mv in serving)} "
+                       f"serving: {exc}")
+                log.error("%s", msg)
+                return [msg]
+            entries = {v: ModelVersion(name, v, p) for v, p in sorted(found.items())}
+            for mv in entries.values():
+                self._set_state(mv, UNAVAILABLE, str(exc))
+            self.versions[name] = entries
+            log.error("model %s cannot be served: %s", name, exc)
+            return [str(exc)]
+        selected = policy.select(list(found))
+        problems: list[str] = []
+        new: dict[int, ModelVersion] = {}
+        for v in sorted(found):
+            old = current.get(v)
+            if v not in selected:
+                continue
+            if old is not None and old.ready and old.fingerprint == fingerprint(found[v]):
+                new[v] = old  # unchanged and serving
+                continue
+            mv = ModelVersion(name, v, found[v])
+            await self._load_version(mv)
+            if not mv.ready:
+                problems.append(f"{name} v{v}: {mv.reason}")
+            new[v] = mv
+        failed = [v for v in selected if not new[v].ready]
+        retire: list[ModelVersion] = []
+        for v, old in current.items():
+            if not old.ready or new.get(v) is old:
+                continue
+            if failed and (v not in new or not new[v].ready):
+                # a selected version failed: what already serves keeps serving
+                log.error("model %s: keeping v%d serving because v%s failed to load", name, v,
+                          ", v".join(map(str, failed)))
+                new[v] = old
+                continue
+            retire.append(old)
+        for v, p in found.items():
+            if v not in new:
+                mv = current.get(v) if current.get(v) is not None and not current[v].ready else ModelVersion(name, v, p)
+                if not mv.ready:
+                    self._set_state(mv, UNAVAILABLE, "not selected by the version_policy")
+                new[v] = mv
+        self.versions[name] = dict(sorted(new.items()))
+        if retire:
+            await self._retire(name, retire, "replaced" if not initial else "")
+        if not initial:
+            log.info("model %s reloaded: serving %s", name,
+                     ", ".join(f"v{v}" for v in self.ready_versions(name)) or "nothing")
+        return problems
+
+    async def _load_version(self, mv: ModelVersion) -> None:
+        loop = asyncio.get_running_loop()
+        self._set_state(mv, LOADING)
+        try:
+            await loop.run_in_executor(None, lambda: load_version(
+                mv, executor=self.executor, settings=self.settings, on_execution=self._on_execution))
+        except GpuRequired:
+            raise
+        except Exception as exc:  # one bad version never stops the others
+            self._set_state(mv, UNAVAILABLE, str(exc))
+            if isinstance(exc, CtrEdgeError):
+                log.error("model %s v%d failed to load: %s", mv.name, mv.version, exc)
+            else:
+                log.exception("model %s v%d failed to load", mv.name, mv.version)
+            return
+        self._set_state(mv, READY)
+        if self.metrics is not None and mv.predictor is not None:
+            self.metrics.track_queue(mv.name, str(mv.version), lambda s=mv.predictor: s.queued)
+
+    async def _retire(self, name: str, versions: list[ModelVersion], why: str) -> None:
+        """Stop routing to ``versions``; they finish their requests in the background, then are released."""
+        for mv in versions:
+            if mv.predictor is None:
+                continue
+            log.info("model %s v%d: draining (%s)", name, mv.version, why or "unloaded")
+            task = asyncio.get_running_loop().create_task(self._drain(mv))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, mv: ModelVersion) -> None:
+        drained = await mv.predictor.drain(self.drain_seconds)
+        if not drained:
+            log.warning("model %s v%d: %d request(s) still running after %.0fs; releasing it anyway",
+                        mv.name, mv.version, mv.predictor.pending, self.drain_seconds)
+        if self.metrics is not None:
+            self.metrics.state(mv.name, str(mv.version), "UNAVAILABLE", mv.provider)
+        mv.runner = None
+        mv.predictor = None
+        log.info("model %s v%d: unloaded", mv.name, mv.version)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving every version of ``name`` (RepositoryModelUnload); in-flight requests finish.
+
+        Raises:
+            ModelNotFound: the model is not in the repository.
+        """
+        async with self._lock(name):
+            entries = self.versions.get(name)
+            if entries is None:
+                raise ModelNotFound(f"model {name!r} is not in the repository; it has {self.names()}")
+            serving = [mv for mv in entries.values() if mv.ready]
+            for mv in serving:
+                self._set_state(mv, UNAVAILABLE, "unloaded (RepositoryModelUnload)")
+            await self._retire(name, serving, "RepositoryModelUnload")
+            self._seen.pop(name, None)
+
+    async def poll_once(self) -> list[str]:
+        """Reload the models whose folders changed since the last look; load new ones, unload removed ones.
+
+        Returns the names that were (re)loaded or unloaded.
+        """
+        changed = []
+        try:
+            dirs = {p.name: p for p in self.model_dirs()}
+        except LoadError as exc:
+            log.error("polling: %s", exc)
+            return changed
+        for name, path in dirs.items():
+            if self._seen.get(name) != fingerprint(path):
+                log.info("polling: %s changed on disk; reloading", name)
+                try:
+                    await self.load_model(name)
+                except Exception:
+                    log.exception("polling: reloading %s failed", name)
+                changed.append(name)
+        for name in [n for n in self.versions if n not in dirs]:
+            log.info("polling: %s was removed from the repository; unloading", name)
+            await self.unload_model(name)
+            async with self._lock(name):
+                self.versions.pop(name, None)
+            changed.append(name)
+        return changed
+
+    async def drain_all(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until every loaded version has answered what it accepted."""
+        schedulers = [mv.predictor for mv in self.all() if mv.predictor is not None]
+        if schedulers:
+            await asyncio.wait([asyncio.ensure_future(s.drain(timeout)) for s in schedulers])
+        if self._draining:
+            await asyncio.wait(list(self._draining), timeout=timeout)
+
+    def pending(self) -> int:
+        """Requests accepted by any version and not yet answered."""
+        return sum(mv.predictor.pending for mv in self.all() if mv.predictor is not None)
 
     # ------------------------------------------------------------------ lookups
     def all(self) -> list[ModelVersion]:

@@ -4,15 +4,29 @@ The servicer implements tritonclient's generated
 ``service_pb2_grpc.GRPCInferenceServiceServicer`` (package ``inference``,
 service ``GRPCInferenceService``), so Triton's own clients work unchanged.  It
 stays thin: ``ModelInfer`` is decode (:mod:`.codec`) -> check and assemble
-against the model's signature (:mod:`.signature`) -> ``predictor.predict``
-(:mod:`.runtime`; a batcher can stand in) -> encode.  Every handler's errors go
-through :func:`ctredge.serve.errors.grpc_status`, the one mapping to status codes.
+against the model's signature (:mod:`.signature`) -> the version's scheduler
+(:mod:`.batcher`: dynamic batching, queue, deadline) -> encode.  Every
+handler's errors go through :func:`ctredge.serve.errors.grpc_status`, the one
+mapping to status codes.
 
 Readiness: the server is ready once the repository has loaded and at least one
 model version is ready; ``grpc.health.v1`` answers SERVING for ``""`` then, and
-for each model name whose default version is ready.  ModelStatistics,
-RepositoryModelLoad/Unload, ModelStreamInfer, shared memory, tracing and
-logging answer UNIMPLEMENTED.
+for each model name whose default version is ready.
+
+Models: RepositoryModelLoad re-reads a model's folder (new and changed
+versions load and warm up before they take traffic; replaced ones drain),
+RepositoryModelUnload stops serving a model, and ``poll_seconds`` re-reads the
+repository periodically (Triton's ``--repository-poll-secs``).
+
+Observability: ModelStatistics answers Triton's counters and durations
+(:mod:`.stats`); ``metrics_port`` serves Prometheus text over HTTP.
+
+Lifecycle: :meth:`InferenceServer.stop` (SIGTERM/SIGINT in ``ctredge serve``)
+turns health NOT_SERVING, refuses new requests with UNAVAILABLE, lets the
+accepted ones finish for up to ``grace_seconds``, then closes.
+
+Shared memory, tracing, logging settings and ModelStreamInfer answer
+UNIMPLEMENTED.
 
 Use :class:`InferenceServer` in an event loop, :class:`ServerThread` to run one
 in a background thread (tests, benchmarks), or :func:`run` (``ctredge serve``).
@@ -26,6 +40,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,8 +50,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from ctredge.serve import codec, metadata
-from ctredge.serve.errors import ServeError, Unimplemented, grpc_status
-from ctredge.serve.repository import Repository
+from ctredge.serve.errors import InvalidInput, LoadRefused, ServeError, ShuttingDown, Unimplemented, grpc_status
+from ctredge.serve.repository import LoadSettings, Repository
+from ctredge.serve.stats import Metrics
 
 log = logging.getLogger("ctredge.serve")
 
@@ -51,7 +67,12 @@ class ServerOptions:
     ``port`` 0 picks a free port.  ``intra_op_threads`` overrides every model's
     config when set.  ``workers``: threads that run ONNX Runtime sessions
     (None: the CPU count).  ``max_message_bytes``: gRPC receive/send limit; a
-    larger request is refused with RESOURCE_EXHAUSTED.
+    larger request is refused with RESOURCE_EXHAUSTED.  ``dynamic_batching``:
+    None keeps each model's ``config.json``, True/False forces batching on/off
+    for every model (``--batching on|off``).  ``metrics_port``: Prometheus
+    text over HTTP on that port (0 picks one; None: off).  ``poll_seconds``:
+    re-read the repository this often (None: only on RepositoryModelLoad).
+    ``grace_seconds``: how long a stop waits for accepted requests.
     """
 
     host: str = "127.0.0.1"
@@ -61,8 +82,17 @@ class ServerOptions:
     workers: int | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 5.0
+    dynamic_batching: bool | None = None
+    metrics_port: int | None = None
+    poll_seconds: float | None = None
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ServeError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
+        if self.poll_seconds is not None and self.poll_seconds <= 0:
+            raise ServeError(f"poll_seconds must be > 0, got {self.poll_seconds}")
+        if self.grace_seconds < 0:
+            raise ServeError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if not 0 <= self.port <= 65535:
             raise ServeError(f"port must be in [0, 65535], got {self.port}")
         if self.intra_op_threads is not None and self.intra_op_threads < 0:
@@ -103,9 +133,13 @@ def _unimplemented(name: str) -> Callable[..., Any]:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a :class:`Repository`."""
 
-    def __init__(self, repository: Repository):
+    def __init__(self, repository: Repository, metrics: Metrics | None = None,
+                 on_change: Callable[[], Any] | None = None):
         self.repo = repository
+        self.metrics = metrics
+        self.on_change = on_change  # awaited after a load/unload (health update)
         self.accepting = False  # set once loaded; cleared when stopping
+        self.in_flight = 0
 
     @property
     def ready(self) -> bool:
@@ -141,18 +175,93 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         return metadata.repository_index(self.repo, ready_only=request.ready)
 
-    @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        mv = self.repo.get(request.model_name, request.model_version)
-        tensors = codec.decode_inputs(request)
-        feeds = mv.signature.prepare(tensors)
-        names = codec.requested_outputs(request, mv.signature.output_names)
-        outputs = await mv.predictor.predict(feeds)
-        return codec.encode_response(request, mv.name, str(mv.version), {n: outputs[n] for n in names})
+        """decode -> prepare -> scheduler -> encode; every outcome is counted (statistics, metrics)."""
+        t0 = time.perf_counter_ns()
+        mv = None
+        self.in_flight += 1
+        try:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down and takes no new requests; retry on another "
+                                   "replica" if self.repo.loaded else "the server is still loading its models")
+            mv = self.repo.get(request.model_name, request.model_version)
+            tensors = codec.decode_inputs(request)
+            feeds = mv.signature.prepare(tensors)
+            names = codec.requested_outputs(request, mv.signature.output_names)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            t1 = time.perf_counter_ns()
+            outputs, timing = await mv.predictor.predict(feeds, deadline)
+            t2 = time.perf_counter_ns()
+            response = codec.encode_response(request, mv.name, str(mv.version), {n: outputs[n] for n in names})
+        except Exception as exc:
+            code, message = grpc_status(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("ModelInfer failed", exc_info=exc)
+            self._count(request, mv, code.name, time.perf_counter_ns() - t0, None)
+            await context.abort(code, message)
+        else:
+            t3 = time.perf_counter_ns()
+            timing.input_ns += t1 - t0
+            timing.output_ns += t3 - t2
+            self._count(request, mv, "OK", t3 - t0, timing)
+            return response
+        finally:
+            self.in_flight -= 1
 
-    ModelStatistics = _unimplemented("ModelStatistics")
-    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
-    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
+    def _count(self, request: Any, mv: Any, code: str, total_ns: int, timing: Any) -> None:
+        ok = timing is not None
+        if mv is not None and mv.stats is not None:
+            if ok:
+                mv.stats.request(True, total_ns, timing.queue_ns, timing.input_ns, timing.infer_ns, timing.output_ns)
+            else:
+                mv.stats.request(False, total_ns)
+        if self.metrics is not None:
+            name = mv.name if mv is not None else request.model_name
+            version = str(mv.version) if mv is not None else (request.model_version or "")
+            if ok:
+                self.metrics.request(name, version, code, total_ns / 1e9, timing.queue_ns / 1e9,
+                                     (timing.input_ns + timing.infer_ns + timing.output_ns) / 1e9)
+            else:
+                self.metrics.request(name, version, code, total_ns / 1e9, ok=False)
+
+    @_rpc
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        """Triton's statistics of every loaded version, or of one model (and version) when named."""
+        if request.name:
+            if request.version:
+                mvs = [self.repo.get(request.name, request.version)]
+            else:
+                self.repo.get(request.name)  # NOT_FOUND / UNAVAILABLE as for inference
+                mvs = [mv for mv in self.repo.all() if mv.name == request.name and mv.stats is not None]
+        else:
+            mvs = [mv for mv in self.repo.all() if mv.stats is not None]
+        return pb.ModelStatisticsResponse(model_stats=[mv.stats.to_proto() for mv in mvs if mv.stats is not None])
+
+    @_rpc
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        """Re-read ``REPO/<model_name>``: load new and changed versions, then retire the replaced ones."""
+        if not request.model_name:
+            raise InvalidInput("RepositoryModelLoad needs a model_name")
+        problems = await self.repo.load_model(request.model_name)
+        if self.on_change is not None:
+            await self.on_change()
+        if problems:
+            serving = self.repo.ready_versions(request.model_name)
+            raise LoadRefused(f"model {request.model_name!r}: {'; '.join(problems)}; "
+                              + (f"still serving version(s) {serving}" if serving else "no version is serving"))
+        return pb.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        """Stop serving every version of ``model_name``; requests already accepted finish."""
+        if not request.model_name:
+            raise InvalidInput("RepositoryModelUnload needs a model_name")
+        await self.repo.unload_model(request.model_name)
+        if self.on_change is not None:
+            await self.on_change()
+        return pb.RepositoryModelUnloadResponse()
+
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
     SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
     SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
@@ -174,12 +283,17 @@ class InferenceServer:
         self.options = options or ServerOptions()
         workers = self.options.workers or os.cpu_count() or 1
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctredge-ort")
-        self.repository = Repository(repository, require_gpu=self.options.require_gpu,
-                                     intra_op_threads=self.options.intra_op_threads, executor=self.executor)
-        self.servicer = InferenceServicer(self.repository)
+        self.metrics = Metrics() if self.options.metrics_port is not None else None
+        settings = LoadSettings(require_gpu=self.options.require_gpu, intra_op_threads=self.options.intra_op_threads,
+                                dynamic_batching=self.options.dynamic_batching, max_concurrency=workers)
+        self.repository = Repository(repository, settings=settings, executor=self.executor, metrics=self.metrics,
+                                     drain_seconds=max(self.options.grace_seconds, 1.0))
+        self.servicer = InferenceServicer(self.repository, self.metrics, on_change=self._update_health)
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._server: Any = None
         self._health: Any = None
+        self._poller: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Bind, start answering (live, not ready), load the repository, then turn ready.
@@ -223,8 +337,17 @@ class InferenceServer:
             await self._server.stop(None)
             self.executor.shutdown(wait=False)
             raise
+        if self.metrics is not None:
+            try:
+                self.metrics_port = self.metrics.serve(o.metrics_port, o.host)
+            except BaseException:
+                await self._server.stop(None)
+                self.executor.shutdown(wait=False)
+                raise
         self.servicer.accepting = True
         await self._update_health()
+        if o.poll_seconds:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(o.poll_seconds))
         log.info("ready: %s", ", ".join(f"{mv.name} v{mv.version} on {mv.provider}"
                                         for mv in self.repository.all() if mv.ready) or "no model is ready")
         return port
@@ -237,15 +360,39 @@ class InferenceServer:
         for name in self.repository.names():
             await self._health.set(name, serving if self.repository.is_ready(name) else not_serving)
 
+    async def _poll(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                if await self.repository.poll_once():
+                    await self._update_health()
+            except Exception:  # polling must never stop the server
+                log.exception("polling the repository failed")
+
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, report NOT_SERVING, let in-flight calls finish for ``grace`` seconds."""
+        """Drain and stop: NOT_SERVING, refuse new requests (UNAVAILABLE), finish accepted ones for ``grace`` s."""
         if self._server is None:
             return
+        grace = self.options.grace_seconds if grace is None else grace
         self.servicer.accepting = False
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.options.grace_seconds if grace is None else grace)
+        end = time.monotonic() + grace
+        pending = self.servicer.in_flight
+        if pending:
+            log.info("draining: %d request(s) in flight (grace %.1fs)", pending, grace)
+        while self.servicer.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        if self.servicer.in_flight:
+            log.warning("grace period over with %d request(s) still in flight; they are cancelled",
+                        self.servicer.in_flight)
+        await self._server.stop(max(0.0, end - time.monotonic()))
         self.executor.shutdown(wait=True)
+        if self.metrics is not None:
+            self.metrics.close()
         self._server = None
         log.info("stopped")
 
@@ -270,7 +417,10 @@ async def serve_until_signal(repository: str | os.PathLike[str], options: Server
     try:
         port = await server.start()
         if on_ready is not None:
-            on_ready(port)
+            if server.metrics_port is not None:
+                on_ready(port, server.metrics_port)
+            else:
+                on_ready(port)
         await stop.wait()
         log.info("signal received: stopping (grace %.1fs)", options.grace_seconds)
     finally:

@@ -71,6 +71,57 @@ def ctr_model(spec: FeatureSpec, seed: int = 0):
     return model
 
 
+def mlp_model(spec: FeatureSpec, seed: int = 0, hidden: tuple[int, ...] = (64, 32), dim: int = 8):
+    """A small DLRM-like ctredge graph with real MatMuls: embeddings + signed-log dense -> MLP -> sigmoid."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nd, nc = spec.n_dense, spec.n_cat
+    item_off = int(spec.offsets[spec.item_feature_index])
+    width = nd + nc * dim + dim
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (spec.total_buckets, dim)).astype(np.float32), "emb"),
+        numpy_helper.from_array(spec.offsets.astype(np.int64), "offsets"),
+        numpy_helper.from_array(np.array(item_off, dtype=np.int64), "item_off"),
+        numpy_helper.from_array(np.array([0, nc * dim], dtype=np.int64), "flat"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("IsNaN", ["dense"], ["nan"]), n("Where", ["nan", "zero", "dense"], ["x"]),
+        n("Abs", ["x"], ["ax"]), n("Add", ["ax", "one"], ["ax1"]), n("Log", ["ax1"], ["lx"]),
+        n("Sign", ["x"], ["sx"]), n("Mul", ["sx", "lx"], ["tx"]),
+        n("Add", ["cat", "offsets"], ["ci"]), n("Gather", ["emb", "ci"], ["ce"]), n("Reshape", ["ce", "flat"], ["cf"]),
+        n("Add", ["hist", "item_off"], ["hi"]), n("Gather", ["emb", "hi"], ["he"]),
+        n("ReduceMean", ["he"], ["hm"], axes=[1], keepdims=0),
+        n("Concat", ["tx", "cf", "hm"], ["h0"], axis=1),
+    ]
+    prev, width_in = "h0", width
+    for i, units in enumerate(hidden + (1,)):
+        inits.append(numpy_helper.from_array(
+            rng.normal(0, 1 / np.sqrt(width_in), (width_in, units)).astype(np.float32), f"W{i}"))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, units).astype(np.float32), f"b{i}"))
+        nodes += [n("MatMul", [prev, f"W{i}"], [f"m{i}"]), n("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        if i < len(hidden):
+            nodes.append(n("Relu", [f"a{i}"], [f"h{i + 1}"]))
+            prev = f"h{i + 1}"
+        width_in = units
+    nodes.append(n("Sigmoid", [f"a{len(hidden)}"], ["ctr"]))
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["B", nd]),
+         helper.make_tensor_value_info("cat", TensorProto.INT64, ["B", nc]),
+         helper.make_tensor_value_info("hist", TensorProto.INT64, ["B", spec.hist_len])],
+        [helper.make_tensor_value_info("ctr", TensorProto.FLOAT, ["B", 1])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR)
+    helper.set_model_props(model, {METADATA_KEY: spec.to_json(), "ctredge.model_name": "mlp",
+                                   "ctredge.model_version": str(seed)})
+    return model
+
+
 def plain_model():
     """A model without ctredge metadata: y = x @ W + float(k); name = Identity(s) (strings)."""
     from onnx import TensorProto, helper, numpy_helper

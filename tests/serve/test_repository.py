@@ -21,8 +21,9 @@ def test_defaults_suit_small_machines():
     cfg = ServingConfig()
     assert (cfg.max_batch_size, cfg.providers, cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning) == \
         (4096, ("auto",), 1, 1, False)
-    assert cfg.dynamic_batching == DynamicBatching(enabled=False, max_batch_rows=4096, max_queue_delay_us=500,
+    assert cfg.dynamic_batching == DynamicBatching(enabled=True, max_batch_rows=4096, max_queue_delay_us=0,
                                                    max_queue_size=1024)
+    assert (cfg.row_alignment, cfg.instances) == (8, 0)
     assert cfg.version_policy == VersionPolicy("latest", 1, ())
 
 
@@ -80,7 +81,7 @@ def test_version_config_overrides_model_config(tmp_path):
     cfg = read_serving_config(tmp_path, 2)
     assert cfg.max_batch_size == 8 and cfg.notes == "model"
     assert cfg.dynamic_batching.enabled and cfg.dynamic_batching.max_queue_delay_us == 9
-    assert read_serving_config(tmp_path, 1).dynamic_batching.max_queue_delay_us == 500
+    assert read_serving_config(tmp_path, 1).dynamic_batching.max_queue_delay_us == 0
     (tmp_path / "2" / "config.json").write_text(json.dumps({"version_policy": {"kind": "all"}}))
     with pytest.raises(ConfigError, match="version_policy belongs in"):
         read_serving_config(tmp_path, 2)

@@ -122,7 +122,7 @@ def test_corrupt_model_answers_unavailable(client):
 
 def test_unimplemented_calls(stub):
     with pytest.raises(grpc.RpcError) as info:
-        stub.ModelStatistics(pb.ModelStatisticsRequest(name="ctr"))
+        stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -1,0 +1,59 @@
+"""SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, in-flight requests finish, exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servekit import contract_feeds, mlp_model, save, small_spec
+from tritonclient.grpc import service_pb2_grpc
+
+from ctredge.serve.codec import build_request, decode_response
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
+    spec = small_spec()
+    save(mlp_model(spec), tmp_path / "slow" / "1" / "model.onnx")
+    # requests wait up to 400 ms in the batching queue: they are in flight when SIGTERM comes
+    (tmp_path / "slow" / "config.json").write_text(json.dumps(
+        {"instances": 1, "dynamic_batching": {"max_queue_delay_us": 400_000}}))
+    proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(tmp_path),
+                             "--port", "0", "--grace-seconds", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert " on " in line, proc.stderr.read()
+        url = line.rsplit(" on ", 1)[1].strip()
+        with grpc.insecure_channel(url) as ch:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            requests = [contract_feeds(spec, n, seed=n) for n in range(1, 9)]
+            futures = [stub.ModelInfer.future(build_request("slow", f), timeout=20) for f in requests]
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            # draining: health says NOT_SERVING and new requests are refused
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            try:
+                stub.ModelInfer(build_request("slow", requests[0]), timeout=5)
+                raise AssertionError("a request was accepted while the server was draining")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in exc.details()
+            answers = [decode_response(f.result())["ctr"] for f in futures]
+        assert [a.shape[0] for a in answers] == list(range(1, 9))
+        assert proc.wait(timeout=15) == 0
+        err = proc.stderr.read()
+        assert "draining: 8 request(s) in flight" in err and "stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
