@@ -252,6 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             intra_op_threads=args.threads, workers=args.workers,
                             max_message_bytes=args.max_message_mb * 1024 * 1024,
                             dynamic_batching={"on": True, "off": False, "config": None}[args.batching],
+                            providers=tuple(args.providers.split(",")) if args.providers else None,
                             metrics_port=args.metrics_port, poll_seconds=args.poll_seconds,
                             grace_seconds=args.grace_seconds)
 
@@ -376,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     sv.add_argument("--batching", choices=("config", "on", "off"), default="config",
                     help="dynamic batching: as each model's config.json says (default), or forced on/off")
+    sv.add_argument("--providers", help="execution providers for every model, e.g. 'cpu' or 'cuda,cpu' "
+                                        "(default: each config.json's, 'auto' = CUDA if available, then CPU)")
     sv.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (0: any)")
     sv.add_argument("--poll-seconds", type=float,
                     help="re-read the repository this often, loading new/changed versions (default: off)")

@@ -290,12 +290,14 @@ class LoadSettings:
 
     ``dynamic_batching``: None keeps each model's config, True/False forces it.
     ``max_concurrency``: runs of one model at once when its config says ``instances: 0``.
+    ``providers``: None keeps each model's ``providers``, else overrides them (``--providers``).
     """
 
     require_gpu: bool = False
     intra_op_threads: int | None = None
     dynamic_batching: bool | None = None
     max_concurrency: int = 1
+    providers: tuple[str, ...] | None = None
 
 
 def load_version(mv: ModelVersion, *, require_gpu: bool = False, intra_op_threads: int | None = None,
@@ -318,7 +320,8 @@ def load_version(mv: ModelVersion, *, require_gpu: bool = False, intra_op_thread
     if not model_file.is_file():
         raise LoadError(f"{label}: {model_file} is missing")
     threads = cfg.intra_op_threads if settings.intra_op_threads is None else settings.intra_op_threads
-    session, provider = create_session(str(model_file), providers=cfg.providers, intra_op_threads=threads,
+    providers = settings.providers or cfg.providers
+    session, provider = create_session(str(model_file), providers=providers, intra_op_threads=threads,
                                        inter_op_threads=cfg.inter_op_threads, allow_spinning=cfg.allow_spinning,
                                        require_gpu=settings.require_gpu, label=label)
     meta = dict(session.get_modelmeta().custom_metadata_map)

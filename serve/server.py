@@ -69,7 +69,8 @@ class ServerOptions:
     (None: the CPU count).  ``max_message_bytes``: gRPC receive/send limit; a
     larger request is refused with RESOURCE_EXHAUSTED.  ``dynamic_batching``:
     None keeps each model's ``config.json``, True/False forces batching on/off
-    for every model (``--batching on|off``).  ``metrics_port``: Prometheus
+    for every model (``--batching on|off``); ``providers`` likewise overrides
+    every model's execution providers (``--providers cpu``).  ``metrics_port``: Prometheus
     text over HTTP on that port (0 picks one; None: off).  ``poll_seconds``:
     re-read the repository this often (None: only on RepositoryModelLoad).
     ``grace_seconds``: how long a stop waits for accepted requests.
@@ -83,6 +84,7 @@ class ServerOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 5.0
     dynamic_batching: bool | None = None
+    providers: tuple[str, ...] | None = None
     metrics_port: int | None = None
     poll_seconds: float | None = None
 
@@ -285,7 +287,8 @@ class InferenceServer:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctredge-ort")
         self.metrics = Metrics() if self.options.metrics_port is not None else None
         settings = LoadSettings(require_gpu=self.options.require_gpu, intra_op_threads=self.options.intra_op_threads,
-                                dynamic_batching=self.options.dynamic_batching, max_concurrency=workers)
+                                dynamic_batching=self.options.dynamic_batching, max_concurrency=workers,
+                                providers=self.options.providers)
         self.repository = Repository(repository, settings=settings, executor=self.executor, metrics=self.metrics,
                                      drain_seconds=max(self.options.grace_seconds, 1.0))
         self.servicer = InferenceServicer(self.repository, self.metrics, on_change=self._update_health)
