@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ctredge-installed
-EXTRAS ?= train,cpu,serve,dev
+EXTRAS ?= train,cpu,serve,bench,dev
 RUN_OUT ?= runs/demo
 
 .PHONY: run test install clean

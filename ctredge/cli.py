@@ -279,6 +279,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ctredge.benchmarks.bench import config_from_args, run_bench
+    from ctredge.benchmarks.report import summary_table
+
+    results = run_bench(config_from_args(args))
+    print(summary_table(results))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctredge", description="CTR models from training to a production server.")
@@ -385,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--grace-seconds", type=float, default=5.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     sv.set_defaults(func=cmd_serve)
+
+    from ctredge.benchmarks.bench import add_arguments as bench_arguments
+
+    bn = sub.add_parser("bench", help="accuracy, latency, gRPC load, footprint (and peer, GPU) of a repository")
+    bench_arguments(bn)
+    bn.set_defaults(func=cmd_bench)
 
     pr = sub.add_parser("predict", help="score a click log through a running server (raw values, server-side hashing)")
     pr.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT")

@@ -25,7 +25,7 @@ others serve.
       "allow_spinning": false,         session.intra_op/inter_op.allow_spinning
       "inline_max_rows": 16,           runs of up to this many rows happen on the event-loop thread
                                        (no thread hop); larger ones on worker threads; 0 = never inline
-      "row_alignment": 8,              each request is padded to a multiple of this many rows so its
+      "row_alignment": 4,              each request is padded to a multiple of this many rows so its
                                        answer never depends on batch-mates (1 = no padding)
       "instances": 0,                  runs of this model at once (0 = the server's --workers)
       "dynamic_batching": {            (serve/batcher.py)
@@ -136,7 +136,7 @@ class ServingConfig:
     inter_op_threads: int = 1
     allow_spinning: bool = False
     inline_max_rows: int = 16
-    row_alignment: int = 8
+    row_alignment: int = 4
     instances: int = 0
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)

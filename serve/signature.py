@@ -210,6 +210,13 @@ class CtrSignature:
         self.outputs = [TensorInfo(OUTPUT_CTR, "FP32", (-1, 1))]
         self._by_name = {t.name: t for t in inputs}
         self._buckets = spec.buckets
+        # per kind: the sides that have columns, and the per-side input names (fixed by the spec)
+        self._sides = {kind: [s for s in SIDES if n and spec.columns(kind, s)]
+                       for kind, n in (("dense", spec.n_dense), ("cat", spec.n_cat))}
+        self._per_side = {kind: {s: [f"{f}_{s}" for f in ([kind] + (["cat_raw"] if kind == "cat" else []))]
+                                 for s in sides} for kind, sides in self._sides.items()}
+        self._kinds = [k for k, n in (("dense", spec.n_dense), ("cat", spec.n_cat)) if n] + \
+            (["hist"] if spec.history is not None else [])
         if spec.history is not None:
             self._hist_buckets = int(spec.cat[spec.item_feature_index].buckets)  # type: ignore[index]
 
@@ -235,9 +242,11 @@ class CtrSignature:
             return given
         full = [n for n in given if self._side_of[n] is None]
         split = [n for n in given if self._side_of[n] is not None]
+        if full and not split and len(full) == 1:
+            return full
         full_names = [kind] + (["cat_raw"] if kind == "cat" else [])
-        sides = [s for s in SIDES if self.spec.columns(kind, s)]
-        per_side = {s: [f"{f}_{s}" for f in ([kind] + (["cat_raw"] if kind == "cat" else []))] for s in sides}
+        sides = self._sides[kind]
+        per_side = self._per_side[kind]
         if full and split:
             raise InvalidInput(f"send the {kind} features either whole ({' or '.join(map(repr, full))}) or per "
                                f"side ({', '.join(map(repr, split))}), not both")
@@ -284,9 +293,7 @@ class CtrSignature:
         for name, arr in tensors.items():
             alt = ((-1,),) if name == INPUT_HIST_RAW else ()
             check_tensor(self._by_name[name], arr, alt_shapes=alt)
-        kinds = [k for k, n in (("dense", self.spec.n_dense), ("cat", self.spec.n_cat)) if n]
-        if self.spec.history is not None:
-            kinds.append("hist")
+        kinds = self._kinds
         used = {k: self._forms(tensors, k) for k in kinds}
         rows = {n: int(tensors[n].shape[0]) for names in used.values() for n in names}
         batch = max(rows.values())
