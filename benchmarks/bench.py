@@ -64,7 +64,7 @@ class BenchConfig:
     inproc_seconds: float | None = None  # per in-process cell; None: 0.5 (quick) or 1.5 (full)
     concurrency: tuple[int, ...] = (1, 8, 64)
     kinds: tuple[str, ...] = ("row", "ranking")
-    ranking_rows: int = 256
+    ranking_rows: int = 256  # candidates per ranking request, rows per batch request
     batching: tuple[str, ...] | None = None  # None: ("on",) quick, ("on", "off") full
     batches: tuple[int, ...] = (1, 16, 256, 4096)
     providers: tuple[str, ...] = ("cpu",)
@@ -354,6 +354,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inproc-seconds", type=float, help="seconds per in-process cell (default 0.5, --full 1.5)")
     p.add_argument("--concurrency", default="1,8,64", help="requests in flight (comma-separated)")
     p.add_argument("--batching", help="on,off (default: on; --full: on,off)")
+    p.add_argument("--kinds", default="row,ranking",
+                   help="gRPC request kinds: row (1 row), ranking (1 user x --rows candidates), batch (--rows rows)")
+    p.add_argument("--rows", type=int, default=256, help="candidates per ranking request, rows per batch request")
     p.add_argument("--providers", default="cpu", help="cpu or cpu,cuda (GPU section)")
     p.add_argument("--peer", choices=("pytriton", "none"), help="serve the same model through a peer server too")
     p.add_argument("--skip", default="", help="sections to skip: accuracy,inproc,grpc,footprint,peer,gpu")
@@ -371,12 +374,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         concurrency = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:
         raise CtrEdgeError(f"--concurrency: expected comma-separated integers, got {args.concurrency!r}") from None
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or not set(kinds) <= {"row", "ranking", "batch"}:
+        raise CtrEdgeError(f"--kinds: expected some of row,ranking,batch; got {args.kinds!r}")
+    if args.rows < 1:
+        raise CtrEdgeError(f"--rows: expected >= 1, got {args.rows}")
     batching = tuple(args.batching.split(",")) if args.batching else None
     if batching and not set(batching) <= {"on", "off"}:
         raise CtrEdgeError(f"--batching: expected on, off or on,off; got {args.batching!r}")
     return BenchConfig(repository=args.repository, data=args.data, out=args.out, trained=args.trained,
                        full=args.full, models=tuple(args.models.split(",")) if args.models else None,
                        seconds=args.seconds, inproc_seconds=args.inproc_seconds, concurrency=concurrency,
+                       kinds=kinds, ranking_rows=args.rows,
                        batching=batching, providers=tuple(args.providers.split(",")),
                        peer=None if args.peer == "none" else args.peer if args.peer else (None if not args.full
                                                                                          else "pytriton"),

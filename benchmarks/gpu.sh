@@ -25,6 +25,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 SITE=${CTREDGE_GPU_SITE:-/tmp/ctredge-gpu-site}
 mkdir -p "$OUT" "$SITE"
+REPO=$(cd "$REPO" && pwd); DATA=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA"); OUT=$(cd "$OUT" && pwd)
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 T0=$(date +%s)
 log() { echo "[gpu.sh +$(( $(date +%s) - T0 ))s] $*"; }
@@ -49,6 +50,7 @@ done
 log "installing ctredge from $HERE"
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" "$HERE"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+cd "$SITE"  # not the checkout: its ctredge/ (the hub alone) would shadow the installed package
 
 # 2. CUDA 13 / cuDNN 9 from the image's nvidia-* wheels (onnxruntime-gpu silently falls back to the CPU without them)
 LIBDIRS=$("$PY" - <<'EOF'

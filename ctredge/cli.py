@@ -166,7 +166,8 @@ def index_table(index: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- pipeline
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """datagen (with history) -> train each model -> compress all (first model) -> report."""
+    """datagen (with history) -> train each model -> compress all (first model) -> bench (servers in subprocesses)."""
+    t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data" / "clicks.tsv"
@@ -183,21 +184,32 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                f"logloss {truth['bayes_logloss']:.4f}; click rate {truth['click_rate']:.4f}")
     print(table)
     print(ceiling)
-    variants = ""
+    variants = bench = ""
+    first = args.models.split(",")[0]
     if not args.skip_compress:
         from ctredge.compress.variants import CompressConfig, compress_all
 
-        first = args.models.split(",")[0]
         log.info("compress all: %s -> %s", out / f"trained-{first}", out / "repository")
         index = compress_all(out / f"trained-{first}", out / "repository", CompressConfig(allow_over_budget=True),
                              force=args.force)
         variants = f"## Compressed variants of `{first}` (`ctredge compress all`)\n\n{index_table(index)}\n"
         print(index_table(index))
+        if not args.skip_bench:
+            from ctredge.benchmarks.bench import BenchConfig, run_bench
+            from ctredge.benchmarks.report import summary_table
+
+            cfg = BenchConfig(repository=str(out / "repository"), data=str(data), out=str(out / "bench"),
+                              trained=str(out / f"trained-{first}"), full=args.full, seconds=args.bench_seconds)
+            summary = summary_table(run_bench(cfg))
+            print(summary)
+            bench = (f"## Benchmark (`ctredge bench{' --full' if args.full else ''}`)\n\n{summary}\n\n"
+                     f"Every table, the plots and the settings: [bench/report.md](bench/report.md).\n")
     report = out / "report.md"
     report.write_text(f"# ctredge pipeline report\n\n`ctredge pipeline --out {args.out} --rows {args.rows} "
-                      f"--seed {args.seed} --models {args.models} --epochs {args.epochs}`\n\n"
-                      f"## Training (synthetic data with history)\n\n{table}\n\n{ceiling}\n\n{variants}")
-    print(f"report: {report}")
+                      f"--seed {args.seed} --models {args.models} --epochs {args.epochs}"
+                      f"{' --full' if args.full else ''}`, {time.perf_counter() - t0:.0f} s\n\n"
+                      f"## Training (synthetic data with history)\n\n{table}\n\n{ceiling}\n\n{variants}\n{bench}")
+    print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -367,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--force", action="store_true", help="redo the export and pruning even if reusable")
     ca.set_defaults(func=cmd_compress_all)
 
-    pl = sub.add_parser("pipeline", help="the main job: datagen -> train -> evaluate -> report")
+    pl = sub.add_parser("pipeline", help="the main job: datagen -> train -> compress all -> bench -> report")
     pl.add_argument("--out", default="runs/demo")
     pl.add_argument("--rows", type=int, default=200_000)
     pl.add_argument("--seed", type=int, default=0)
@@ -375,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--epochs", type=int, default=3)
     pl.add_argument("--force", action="store_true", help="redo stages whose artifacts already exist")
     pl.add_argument("--skip-compress", action="store_true", help="stop after training")
+    pl.add_argument("--skip-bench", action="store_true", help="stop after compress all")
+    pl.add_argument("--full", action="store_true",
+                    help="benchmark every variant, batching on and off, and the PyTriton peer")
+    pl.add_argument("--bench-seconds", type=float, help="seconds per gRPC cell (default 2, --full 5)")
     pl.set_defaults(func=cmd_pipeline)
 
     sv = sub.add_parser("serve", help="serve a model repository over gRPC (Open Inference Protocol v2, ONNX Runtime)")

@@ -1,4 +1,4 @@
-"""The main job end to end on tiny data: datagen -> train -> compress all -> report; reuse on rerun."""
+"""The main job end to end on tiny data: datagen -> train -> compress all -> bench -> report; reuse on rerun."""
 
 import pytest
 
@@ -10,12 +10,20 @@ pytestmark = pytest.mark.slow
 def test_pipeline_tiny(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["pipeline", "--out", str(out), "--rows", "8000", "--models", "dcnv2,seed", "--epochs", "1"]
-    assert main(args) == 0
+    assert main(args + ["--bench-seconds", "0.3"]) == 0
     printed = capsys.readouterr().out
     report = (out / "report.md").read_text()
     for name in ("| dcnv2 |", "| seed |", "Bayes-optimal", "| ctr-fp32 |", "| ctr-edge |", "| ctr-int8 |"):
         assert name in report and name in printed
     assert (out / "repository" / "index.json").is_file()
+    bench = (out / "bench" / "report.md").read_text()
+    for section in ("## Summary", "## Accuracy", "## In-process latency", "## gRPC end to end", "## Footprint",
+                    "## Peer: PyTriton", "## GPU", "## Targets"):
+        assert section in bench
+    for variant in ("ctr-fp32", "ctr-fp16", "ctr-int8", "ctr-int8-dynamic", "ctr-pruned", "ctr-edge", "keras-full",
+                    "floor (no-op)"):
+        assert f"| {variant} |" in bench, variant
+    assert "| floor (no-op) |" in printed and "## Benchmark" in report
     model_mtime = (out / "trained-dcnv2" / "model.keras").stat().st_mtime
     assert main(args + ["--skip-compress"]) == 0  # artifacts with matching manifests are reused
     assert (out / "trained-dcnv2" / "model.keras").stat().st_mtime == model_mtime
