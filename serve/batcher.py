@@ -7,7 +7,10 @@ Batching off (``dynamic_batching.enabled: false``): every request is one ONNX
 Runtime run: on the event-loop thread when it has at most ``inline_max_rows``
 rows, else on an executor thread.
 
-Batching on: requests join a FIFO queue of at most ``max_queue_size`` requests
+Batching on: while requests come slower than runs take (moving averages),
+nothing waits or runs and ``max_queue_delay_us`` is 0, a small request runs at once as above: there is no
+batch to form, and the queue's extra event-loop turns cost ~0.3 ms on 2 cores.
+Otherwise requests join a FIFO queue of at most ``max_queue_size`` requests
 (beyond: RESOURCE_EXHAUSTED, so memory stays bounded).  A dispatcher takes
 whole requests from the head of the queue, up to ``max_batch_rows`` rows, as
 soon as one of the model's ``max_concurrency`` run slots is free, concatenates
@@ -188,6 +191,11 @@ class Scheduler:
             if self._last_arrival_ns:
                 self._gap_ns += (min(now - self._last_arrival_ns, 1 << 40) - self._gap_ns) >> 3
             self._last_arrival_ns = now
+            if (not self._queue and self._running == 0 and rows <= self.inline_max_rows
+                    and self.max_queue_delay_ns == 0 and self._gap_ns > self._run_ns):
+                # idle: requests come slower than runs take, so there is no batch to wait for; run it now,
+                # inline (same padding as in a batch, so the same answer), skipping the queue's loop turns
+                return await self._direct(feeds, rows, deadline)
             padded, padded_rows = pad_rows(feeds, rows, self.alignment)
             fut = asyncio.get_running_loop().create_future()
             self._queue.append(_Entry(padded, rows, padded_rows, fut, deadline, time.perf_counter_ns()))
