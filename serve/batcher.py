@@ -267,7 +267,7 @@ class Scheduler:
             # the executor so the event loop keeps taking requests meanwhile and the next batch grows
             if rows <= self.inline_max_rows and self._running == 0 and self._gap_ns > self._run_ns:
                 self._running += 1
-                self._execute_inline(batch)
+                await self._execute(batch, inline=True)  # never suspends: the run happens right here
             else:
                 self._running += 1
                 task = asyncio.get_running_loop().create_task(self._execute(batch))
@@ -344,27 +344,18 @@ class Scheduler:
         self._report(Execution(sum(e.rows for e in batch), sum(e.padded_rows for e in batch), len(batch),
                                input_ns, infer_ns, 0, False))
 
-    def _execute_inline(self, batch: list[_Entry]) -> None:
+    async def _execute(self, batch: list[_Entry], inline: bool = False) -> None:
+        """Merge, run (on this thread when ``inline``, else on the executor), split; frees the run slot."""
         t0 = time.perf_counter_ns()
+        rows = sum(e.rows for e in batch)
         try:
             feeds = self._merge(batch)
             t1 = time.perf_counter_ns()
-            start, outs, end = self._timed_run(feeds, sum(e.rows for e in batch), None)
-        except Exception as exc:
-            self._fail(batch, exc, 0, 0)
-        else:
-            self._split(batch, outs, t0, t1 - t0, end - start, time.perf_counter_ns())
-        finally:
-            self._running -= 1
-            self._slots.release()
-
-    async def _execute(self, batch: list[_Entry]) -> None:
-        t0 = time.perf_counter_ns()
-        try:
-            feeds = self._merge(batch)
-            t1 = time.perf_counter_ns()
-            start, outs, end = await asyncio.get_running_loop().run_in_executor(
-                self.runner.executor, self._timed_run, feeds, sum(e.rows for e in batch), None)
+            if inline:
+                start, outs, end = self._timed_run(feeds, rows, None)
+            else:
+                start, outs, end = await asyncio.get_running_loop().run_in_executor(
+                    self.runner.executor, self._timed_run, feeds, rows, None)
         except Exception as exc:
             self._fail(batch, exc, 0, 0)
         else:
