@@ -75,6 +75,7 @@ class BenchConfig:
     seed: int = 0
     pin: bool = True
     warmup_s: float = 0.5
+    rounds: int | None = None  # interleaved rounds per gRPC cell; None: 2 (quick) or 3 (full)
 
     def resolved(self, available: Sequence[str]) -> "BenchConfig":
         """Fill the defaults that depend on ``--full`` and on the repository's models."""
@@ -87,6 +88,7 @@ class BenchConfig:
             raise CtrEdgeError(f"--models: {missing} not in the repository {self.repository}; it has {list(available)}")
         return replace(self, models=models,
                        seconds=self.seconds or (5.0 if self.full else 2.0),
+                       rounds=self.rounds or (3 if self.full else 2),
                        inproc_seconds=self.inproc_seconds or (1.5 if self.full else 0.5),
                        batching=self.batching or (("on", "off") if self.full else ("on",)),
                        peer=self.peer if self.peer is not None else ("pytriton" if self.full else None))
@@ -153,34 +155,67 @@ def _bench_repository(cfg: BenchConfig, models: Sequence[str], spec: Any, work: 
 
 
 # ------------------------------------------------------------------ sections
+def _combine(runs: list[dict[str, Any]], rows_per_request: int) -> dict[str, Any]:
+    """One cell from its interleaved rounds: counts summed, rates over the summed time, percentiles the median."""
+    import statistics
+
+    seconds = sum(r["seconds"] for r in runs) or float("nan")
+    errors: dict[str, int] = {}
+    for r in runs:
+        for code, n in (r["errors"] if isinstance(r["errors"], dict) else {}).items():
+            errors[code] = errors.get(code, 0) + n
+    out = dict(runs[-1])
+    out.update({
+        "requests": sum(r["requests"] for r in runs), "ok": sum(r["ok"] for r in runs), "seconds": seconds,
+        "req_per_s": sum(r["requests"] for r in runs) / seconds,
+        "predictions_per_s": sum(r["ok"] for r in runs) * rows_per_request / seconds,
+        "errors": sum(errors.values()), "errors_by_code": errors,
+        "client_saturated": any(r.get("client_saturated") for r in runs),
+        "rounds": [{k: r.get(k) for k in ("p50_ms", "p99_ms", "predictions_per_s", "seconds")} for r in runs],
+    })
+    for key in ("p50_ms", "p95_ms", "p99_ms", "mean_ms"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(vals) if vals else None
+    out["max_ms"] = max((r["max_ms"] for r in runs if r.get("max_ms") is not None), default=None)
+    return out
+
+
 def _grpc(cfg: BenchConfig, repo: Path, models: Sequence[str], requests: dict[str, list[bytes]],
           plan: dict[str, Any], provider: str = "cpu") -> list[dict[str, Any]]:
+    """Every (batching, kind, concurrency) cell for the floor and ``models``, one server per batching mode.
+
+    Within a cell the models are measured in ``cfg.rounds`` interleaved rounds (floor, model 1, model 2,
+    ..., floor, ...), so drifting background load hits them alike; see :func:`_combine`.
+    """
     from ctredge.benchmarks.load import rows_per_request, run_load
     from ctredge.benchmarks.procs import ServerProcess
 
     rows = []
     server_cpus = plan["server_cpus"] if plan["pinned"] else None
     client_cpus = plan["client_cpus"] if plan["pinned"] else None
+    names = (FLOOR, *models)
     for batching in cfg.batching:
         args = ["--batching", batching, "--providers", provider]
         with ServerProcess(repo, args, cpus=server_cpus, label=f"bench-{provider}-{batching}") as srv:
             log.info("server %s (batching %s, provider %s) on %s", srv.url, batching, provider,
                      server_cpus or "any core")
-            for model in (FLOOR, *models):
-                for kind in cfg.kinds:
-                    reqs = _rename(requests[kind], model)
-                    per = rows_per_request(kind, cfg.ranking_rows)
-                    for c in cfg.concurrency:
-                        r = run_load(srv.url, reqs, concurrency=c, duration_s=cfg.seconds, rows_per_request=per,
-                                     warmup_s=cfg.warmup_s, cpus=client_cpus)
-                        row = {"model": model, "kind": kind, "rows_per_request": per, "concurrency": c,
-                               "batching": batching, "server": "ctredge", "provider": provider,
-                               "floor": model == FLOOR, **r,
-                               "errors": sum(r["errors"].values()) if isinstance(r["errors"], dict) else r["errors"],
-                               "errors_by_code": r["errors"] if isinstance(r["errors"], dict) else {}}
-                        rows.append(row)
+            for kind in cfg.kinds:
+                reqs = {m: _rename(requests[kind], m) for m in names}
+                per = rows_per_request(kind, cfg.ranking_rows)
+                for c in cfg.concurrency:
+                    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in names}
+                    for _ in range(cfg.rounds):
+                        for m in names:
+                            runs[m].append(run_load(srv.url, reqs[m], concurrency=c,
+                                                    duration_s=cfg.seconds / cfg.rounds, rows_per_request=per,
+                                                    warmup_s=cfg.warmup_s, cpus=client_cpus))
+                    for m in names:
+                        r = _combine(runs[m], per)
+                        rows.append({**r, "model": m, "kind": kind, "rows_per_request": per, "concurrency": c,
+                                     "batching": batching, "server": "ctredge", "provider": provider,
+                                     "floor": m == FLOOR})
                         log.info("grpc %-16s %-7s c=%-3d batching %-3s %s: p50 %.3f ms p99 %.3f ms, %.0f preds/s%s",
-                                 model, kind, c, batching, provider, r["p50_ms"] or float("nan"),
+                                 m, kind, c, batching, provider, r["p50_ms"] or float("nan"),
                                  r["p99_ms"] or float("nan"), r["predictions_per_s"],
                                  " (client saturated)" if r.get("client_saturated") else "")
     return rows
@@ -210,29 +245,39 @@ def _peer(cfg: BenchConfig, repo: Path, spec: Any, plan: dict[str, Any], results
 
     if cfg.peer != "pytriton":
         return {"status": "skipped", "reason": f"unknown peer {cfg.peer!r}; expected 'pytriton'"}
-    model = "ctr-fp32"
+    model = "ctr-fp32" if (repo / "ctr-fp32").exists() else cfg.models[0]
     try:
         python = ensure_venv(Path(cfg.peer_venv))
     except PeerError as exc:
         return {"status": "skipped", "reason": f"the PyTriton environment could not be built: {exc}",
                 "server": "pytriton"}
+    from ctredge.benchmarks.procs import ServerProcess
+
     server_cpus = plan["server_cpus"] if plan["pinned"] else None
     client_cpus = plan["client_cpus"] if plan["pinned"] else None
-    rows = []
-    with PeerServer(_latest_onnx(repo, model), python=python, cpus=server_cpus, batching=True) as peer:
+    rows, paired = [], []
+    with PeerServer(_latest_onnx(repo, model), python=python, cpus=server_cpus, batching=True) as peer, \
+            ServerProcess(repo, ["--batching", "on", "--providers", "cpu"], cpus=server_cpus,
+                          label="bench-vs-peer") as ours:
         for kind in cfg.kinds:
-            reqs = build_requests(spec, cfg.data, peer.model_name, kind, rows=cfg.ranking_rows, count=64,
-                                  form="ids", expand_ranking=True)
             per = rows_per_request(kind, cfg.ranking_rows)
+            theirs_reqs = build_requests(spec, cfg.data, peer.model_name, kind, rows=cfg.ranking_rows, count=64,
+                                         form="ids", expand_ranking=True)
+            our_reqs = build_requests(spec, cfg.data, model, kind, rows=cfg.ranking_rows, count=64, form="ids")
             for c in cfg.concurrency:
-                r = run_load(peer.url, reqs, concurrency=c, duration_s=cfg.seconds, rows_per_request=per,
-                             warmup_s=cfg.warmup_s, cpus=client_cpus)
-                rows.append({"model": model, "kind": kind, "rows_per_request": per, "concurrency": c,
-                             "batching": "on", "server": "pytriton", "provider": "cpu", **r,
-                             "errors": sum(r["errors"].values()), "errors_by_code": r["errors"]})
-                log.info("peer pytriton %-7s c=%-3d: p50 %.3f ms, %.0f preds/s", kind, c, r["p50_ms"] or float("nan"),
-                         r["predictions_per_s"])
-        info = {"settings": peer.settings(), "memory": peer.memory(), "ready_s": peer.ready_s}
+                runs: dict[str, list[dict[str, Any]]] = {"ctredge": [], "pytriton": []}
+                for _ in range(cfg.rounds):  # alternating rounds: drifting load hits both alike
+                    for name, url, reqs in (("ctredge", ours.url, our_reqs), ("pytriton", peer.url, theirs_reqs)):
+                        runs[name].append(run_load(url, reqs, concurrency=c, duration_s=cfg.seconds / cfg.rounds,
+                                                   rows_per_request=per, warmup_s=cfg.warmup_s, cpus=client_cpus))
+                for name, target in (("ctredge", paired), ("pytriton", rows)):
+                    r = _combine(runs[name], per)
+                    target.append({**r, "model": model, "kind": kind, "rows_per_request": per, "concurrency": c,
+                                   "batching": "on", "server": name, "provider": "cpu"})
+                log.info("peer %-7s c=%-3d: ctredge p50 %.3f ms %.0f preds/s | pytriton p50 %.3f ms %.0f preds/s",
+                         kind, c, paired[-1]["p50_ms"] or float("nan"), paired[-1]["predictions_per_s"],
+                         rows[-1]["p50_ms"] or float("nan"), rows[-1]["predictions_per_s"])
+        info = {"settings": peer.settings(), "memory": peer.memory(), "ready_s": peer.ready_s, "paired": paired}
     results.setdefault("grpc", [])
     if isinstance(results["grpc"], list):
         results["grpc"].extend(rows)
@@ -307,8 +352,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if "inproc" in want:
         from ctredge.benchmarks.inproc import inproc_latency_isolated
 
+        from ctredge.benchmarks.accuracy import FULL_MODEL
+
         _section(results, "inproc", lambda: inproc_latency_isolated(
-            cfg.repository, cfg.trained, cfg.data, models=list(cfg.models), batches=cfg.batches,
+            cfg.repository, cfg.trained, cfg.data, models=([FULL_MODEL] if cfg.trained else []) + list(cfg.models),
+            batches=cfg.batches,
             seconds=cfg.inproc_seconds, providers=("cpu",)))
     need_server = want & {"grpc", "footprint", "gpu"}
     requests: dict[str, list[bytes]] = {}
@@ -351,6 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="comma-separated repository models (default: ctr-fp32,ctr-int8,ctr-edge; "
                                     "--full: all)")
     p.add_argument("--seconds", type=float, help="measured seconds per gRPC cell (default 2, --full 5)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds the seconds of a gRPC cell are split into "
+                                             "(default 2, --full 3)")
     p.add_argument("--inproc-seconds", type=float, help="seconds per in-process cell (default 0.5, --full 1.5)")
     p.add_argument("--concurrency", default="1,8,64", help="requests in flight (comma-separated)")
     p.add_argument("--batching", help="on,off (default: on; --full: on,off)")
@@ -385,7 +435,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(repository=args.repository, data=args.data, out=args.out, trained=args.trained,
                        full=args.full, models=tuple(args.models.split(",")) if args.models else None,
                        seconds=args.seconds, inproc_seconds=args.inproc_seconds, concurrency=concurrency,
-                       kinds=kinds, ranking_rows=args.rows,
+                       kinds=kinds, ranking_rows=args.rows, rounds=args.rounds,
                        batching=batching, providers=tuple(args.providers.split(",")),
                        peer=None if args.peer == "none" else args.peer if args.peer else (None if not args.full
                                                                                          else "pytriton"),

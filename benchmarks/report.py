@@ -298,10 +298,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     t6 = f">= {TARGET_PEER_RATIO:g}x PyTriton's throughput on ranking requests"
     any6 = False
     peer, p_reason = _section(results, "peer")
-    for m in sorted({r["model"] for r in rows if r.get("server") == "pytriton"}, key=_order):
+    peer_rows = _ours_vs_peer(results)
+    for m in sorted({r["model"] for r in peer_rows if r.get("server") == "pytriton"}, key=_order):
         best = {}
         for server in ("ctredge", "pytriton"):
-            cands = [r for r in rows if r.get("model") == m and r.get("kind") == "ranking"
+            cands = [r for r in peer_rows if r.get("model") == m and r.get("kind") == "ranking"
                      and r.get("server", "ctredge") == server and _num(r.get("predictions_per_s"))]
             best[server] = max(cands, key=lambda r: r["predictions_per_s"]) if cands else None
         if not best["ctredge"] or not best["pytriton"]:
@@ -499,9 +500,18 @@ def _footprint_md(results: dict[str, Any]) -> str:
             "successful inference.\n\n" + _table(["model", "bytes", "MiB", "server RSS MiB", "cold start s"], body))
 
 
+def _ours_vs_peer(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """ctredge rows to set against the peer's: the ones measured interleaved with it (``peer.paired``)
+    when present, else the gRPC section's."""
+    peer, _ = _section(results, "peer")
+    paired = [r for r in ((peer or {}).get("paired") or []) if isinstance(r, dict)]
+    return paired + [r for r in _grpc_rows(results) if r.get("server") == "pytriton"] if paired \
+        else _grpc_rows(results)
+
+
 def _peer_md(results: dict[str, Any]) -> str:
     peer, reason = _section(results, "peer")
-    rows = _grpc_rows(results)
+    rows = _ours_vs_peer(results)
     theirs = [r for r in rows if r.get("server") == "pytriton"]
     if not theirs:
         return _not_measured(reason if peer is None else (peer.get("reason") or "no PyTriton rows"))
@@ -520,7 +530,8 @@ def _peer_md(results: dict[str, Any]) -> str:
                      else ""])
     head = [f"PyTriton ({(peer or {}).get('version') or (peer or {}).get('server', 'pytriton')}) serving the same "
             "ONNX model through Triton's C++ gRPC frontend and dynamic batcher, ONNX Runtime in the Python "
-            "callable; same load generator, same requests, same run."]
+            "callable; same load generator, same requests, same run; the two servers run side by side on the same "
+            "cores and are measured in alternating rounds."]
     if peer and peer.get("reason"):
         head.append(str(peer["reason"]))
     return "\n".join(f"- {x}" for x in head) + "\n\n" + _table(
