@@ -184,40 +184,46 @@ def _grpc(cfg: BenchConfig, repo: Path, models: Sequence[str], requests: dict[st
           plan: dict[str, Any], provider: str = "cpu") -> list[dict[str, Any]]:
     """Every (batching, kind, concurrency) cell for the floor and ``models``, one server per batching mode.
 
-    Within a cell the models are measured in ``cfg.rounds`` interleaved rounds (floor, model 1, model 2,
-    ..., floor, ...), so drifting background load hits them alike; see :func:`_combine`.
+    Within a cell the (batching mode, model) pairs are measured in ``cfg.rounds`` interleaved rounds
+    (floor, model 1, ..., then the other mode's server, then again), so drifting background load hits them
+    alike; see :func:`_combine`.
     """
     from ctredge.benchmarks.load import rows_per_request, run_load
     from ctredge.benchmarks.procs import ServerProcess
+
+    import contextlib
 
     rows = []
     server_cpus = plan["server_cpus"] if plan["pinned"] else None
     client_cpus = plan["client_cpus"] if plan["pinned"] else None
     names = (FLOOR, *models)
-    for batching in cfg.batching:
-        args = ["--batching", batching, "--providers", provider]
-        with ServerProcess(repo, args, cpus=server_cpus, label=f"bench-{provider}-{batching}") as srv:
+    with contextlib.ExitStack() as stack:
+        # one server per batching mode, side by side on the same cores (an idle one costs nothing), so the
+        # modes are measured in the same alternating rounds as the models
+        servers = {}
+        for batching in cfg.batching:
+            srv = stack.enter_context(ServerProcess(repo, ["--batching", batching, "--providers", provider],
+                                                    cpus=server_cpus, label=f"bench-{provider}-{batching}"))
+            servers[batching] = srv
             log.info("server %s (batching %s, provider %s) on %s", srv.url, batching, provider,
                      server_cpus or "any core")
-            for kind in cfg.kinds:
-                reqs = {m: _rename(requests[kind], m) for m in names}
-                per = rows_per_request(kind, cfg.ranking_rows)
-                for c in cfg.concurrency:
-                    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in names}
-                    for _ in range(cfg.rounds):
-                        for m in names:
-                            runs[m].append(run_load(srv.url, reqs[m], concurrency=c,
-                                                    duration_s=cfg.seconds / cfg.rounds, rows_per_request=per,
-                                                    warmup_s=cfg.warmup_s, cpus=client_cpus))
-                    for m in names:
-                        r = _combine(runs[m], per)
-                        rows.append({**r, "model": m, "kind": kind, "rows_per_request": per, "concurrency": c,
-                                     "batching": batching, "server": "ctredge", "provider": provider,
-                                     "floor": m == FLOOR})
-                        log.info("grpc %-16s %-7s c=%-3d batching %-3s %s: p50 %.3f ms p99 %.3f ms, %.0f preds/s%s",
-                                 m, kind, c, batching, provider, r["p50_ms"] or float("nan"),
-                                 r["p99_ms"] or float("nan"), r["predictions_per_s"],
-                                 " (client saturated)" if r.get("client_saturated") else "")
+        for kind in cfg.kinds:
+            reqs = {m: _rename(requests[kind], m) for m in names}
+            per = rows_per_request(kind, cfg.ranking_rows)
+            for c in cfg.concurrency:
+                runs: dict[tuple[str, str], list[dict[str, Any]]] = {(b, m): [] for b in servers for m in names}
+                for _ in range(cfg.rounds):
+                    for (b, m), got in runs.items():
+                        got.append(run_load(servers[b].url, reqs[m], concurrency=c,
+                                            duration_s=cfg.seconds / cfg.rounds, rows_per_request=per,
+                                            warmup_s=cfg.warmup_s, cpus=client_cpus))
+                for (b, m), got in runs.items():
+                    r = _combine(got, per)
+                    rows.append({**r, "model": m, "kind": kind, "rows_per_request": per, "concurrency": c,
+                                 "batching": b, "server": "ctredge", "provider": provider, "floor": m == FLOOR})
+                    log.info("grpc %-16s %-7s c=%-3d batching %-3s %s: p50 %.3f ms p99 %.3f ms, %.0f preds/s%s",
+                             m, kind, c, b, provider, r["p50_ms"] or float("nan"), r["p99_ms"] or float("nan"),
+                             r["predictions_per_s"], " (client saturated)" if r.get("client_saturated") else "")
     return rows
 
 
