@@ -12,7 +12,7 @@ Sections (each can be skipped; a failed section is reported with its reason and 
 3. **grpc** (:mod:`.load`, :mod:`.procs`): ``ctredge serve`` in its own process
    pinned to its cores, the closed-loop load generator on the others, 1-row and
    1-user x 256-candidate ranking requests at each concurrency, with dynamic
-   batching off (the default config; on as well with ``--full``), and the no-op ``floor`` model served by
+   batching on (and off with ``--full``), and the no-op ``floor`` model served by
    the same server for the floor ratios.
 4. **footprint**: bytes, server RSS with the model alone, cold start.
 5. **peer** (``--peer pytriton``, on with ``--full``): the same ONNX model through
@@ -65,7 +65,7 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 8, 64)
     kinds: tuple[str, ...] = ("row", "ranking")
     ranking_rows: int = 256  # candidates per ranking request, rows per batch request
-    batching: tuple[str, ...] | None = None  # None: ("off",) quick (the default config), ("off", "on") full
+    batching: tuple[str, ...] | None = None  # None: ("on",) quick, ("on", "off") full
     batches: tuple[int, ...] = (1, 16, 256, 4096)
     providers: tuple[str, ...] = ("cpu",)
     peer: str | None = None  # "pytriton"; None: on with --full
@@ -90,7 +90,7 @@ class BenchConfig:
                        seconds=self.seconds or (5.0 if self.full else 2.0),
                        rounds=self.rounds or (3 if self.full else 2),
                        inproc_seconds=self.inproc_seconds or (1.5 if self.full else 0.5),
-                       batching=self.batching or (("off", "on") if self.full else ("off",)),
+                       batching=self.batching or (("on", "off") if self.full else ("on",)),
                        peer=self.peer if self.peer is not None else ("pytriton" if self.full else None))
 
 
@@ -409,7 +409,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                              "(default 2, --full 3)")
     p.add_argument("--inproc-seconds", type=float, help="seconds per in-process cell (default 0.5, --full 1.5)")
     p.add_argument("--concurrency", default="1,8,64", help="requests in flight (comma-separated)")
-    p.add_argument("--batching", help="off,on (default: off, as config.json says; --full: off,on)")
+    p.add_argument("--batching", help="on,off (default: on; --full: on,off)")
     p.add_argument("--kinds", default="row,ranking",
                    help="gRPC request kinds: row (1 row), ranking (1 user x --rows candidates), batch (--rows rows)")
     p.add_argument("--rows", type=int, default=256, help="candidates per ranking request, rows per batch request")

@@ -55,12 +55,9 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "ctr-edge": ("pruned", "int8-static+emb-int4"),
 }
 #: serving-config notes for variants whose answers depend on batch-mates
-BATCHING_OPT_IN = ("dynamic batching gives this variant the same answers as unbatched (row alignment); it is off "
-                   "because on 2 CPU cores it cost throughput at batch 1 (see the README); turn it on where a run's "
-                   "fixed cost is high, e.g. on a GPU")
 NO_BATCHING = {
     "ctr-int8-dynamic": "dynamic int8 computes activation scales per batch, so a row's answer changes "
-                        "with its batch-mates; keep dynamic batching off so answers do not depend on load",
+                        "with its batch-mates; dynamic batching is off so answers do not depend on load",
 }
 
 
@@ -216,5 +213,5 @@ def compress_all(trained_dir: str | os.PathLike[str], repo: str | os.PathLike[st
 def _write_serving_config(model_dir: Path, name: str) -> None:
     from ctredge.serve.repository import DynamicBatching, ServingConfig, write_serving_config
 
-    write_serving_config(model_dir, ServingConfig(dynamic_batching=DynamicBatching(enabled=False),
-                                                  notes=NO_BATCHING.get(name, BATCHING_OPT_IN)))
+    write_serving_config(model_dir, ServingConfig(dynamic_batching=DynamicBatching(enabled=name not in NO_BATCHING),
+                                                  notes=NO_BATCHING.get(name, "")))

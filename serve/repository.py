@@ -29,8 +29,7 @@ others serve.
                                        answer never depends on batch-mates (1 = no padding)
       "instances": 0,                  runs of this model at once (0 = the server's --workers)
       "dynamic_batching": {            (serve/batcher.py)
-        "enabled": false,              opt-in: on 2 CPU cores it cost throughput at batch 1
-                                       (see the README); it pays where a run's fixed cost is high (GPU)
+        "enabled": true,               false: every request is its own run
         "max_batch_rows": 4096,        rows merged into one run
         "max_queue_delay_us": 0,       how long the oldest waiting request may wait for batch-mates
                                        once a run slot is free (0: run what is queued at once;
@@ -80,7 +79,7 @@ def _is_int(v: Any, low: int) -> bool:
 class DynamicBatching:
     """Server-side batching of concurrent requests (:mod:`ctredge.serve.batcher`)."""
 
-    enabled: bool = False
+    enabled: bool = True
     max_batch_rows: int = 4096
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024

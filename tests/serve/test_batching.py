@@ -92,7 +92,7 @@ def slow_repo(tmp_path):
     spec = small_spec()
     save(mlp_model(spec), tmp_path / "slow" / "1" / "model.onnx")
     (tmp_path / "slow" / "config.json").write_text(json.dumps(
-        {"instances": 1, "dynamic_batching": {"enabled": True, "max_queue_delay_us": 300_000, "max_queue_size": 2}}))
+        {"instances": 1, "dynamic_batching": {"max_queue_delay_us": 300_000, "max_queue_size": 2}}))
     return tmp_path, spec
 
 
@@ -153,7 +153,7 @@ def test_pad_rows():
 def test_scheduler_splits_in_order_pads_and_reports(runner):
     r, spec = runner
     seen = []
-    sched = Scheduler(r, DynamicBatching(enabled=True, max_queue_delay_us=20_000), alignment=8, max_concurrency=1,
+    sched = Scheduler(r, DynamicBatching(max_queue_delay_us=20_000), alignment=8, max_concurrency=1,
                       on_execution=seen.append)
     reqs = [contract_feeds(spec, n, seed=n) for n in (1, 5, 9, 2)]
     want = [r.run(pad_rows(f, len(f["dense"]), 8)[0])["ctr"][:len(f["dense"])] for f in reqs]
@@ -170,7 +170,7 @@ def test_scheduler_splits_in_order_pads_and_reports(runner):
 
 def test_scheduler_queue_limit_deadline_and_drain(runner):
     r, spec = runner
-    sched = Scheduler(r, DynamicBatching(enabled=True, max_queue_delay_us=100_000, max_queue_size=2), max_concurrency=1)
+    sched = Scheduler(r, DynamicBatching(max_queue_delay_us=100_000, max_queue_size=2), max_concurrency=1)
     feeds = contract_feeds(spec, 2)
 
     async def go():

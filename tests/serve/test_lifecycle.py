@@ -22,7 +22,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
     save(mlp_model(spec), tmp_path / "slow" / "1" / "model.onnx")
     # requests wait up to 400 ms in the batching queue: they are in flight when SIGTERM comes
     (tmp_path / "slow" / "config.json").write_text(json.dumps(
-        {"instances": 1, "dynamic_batching": {"enabled": True, "max_queue_delay_us": 400_000}}))
+        {"instances": 1, "dynamic_batching": {"max_queue_delay_us": 400_000}}))
     proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(tmp_path),
                              "--port", "0", "--grace-seconds", "5"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -21,7 +21,7 @@ def test_defaults_suit_small_machines():
     cfg = ServingConfig()
     assert (cfg.max_batch_size, cfg.providers, cfg.intra_op_threads, cfg.inter_op_threads, cfg.allow_spinning) == \
         (4096, ("auto",), 1, 1, False)
-    assert cfg.dynamic_batching == DynamicBatching(enabled=False, max_batch_rows=4096, max_queue_delay_us=0,
+    assert cfg.dynamic_batching == DynamicBatching(enabled=True, max_batch_rows=4096, max_queue_delay_us=0,
                                                    max_queue_size=1024)
     assert (cfg.row_alignment, cfg.instances) == (4, 0)
     assert cfg.version_policy == VersionPolicy("latest", 1, ())
