@@ -494,10 +494,8 @@ class Repository:
             retire.append(old)
         for v, p in found.items():
             if v not in new:
-                mv = current.get(v) if current.get(v) is not None and not current[v].ready else ModelVersion(name, v, p)
-                if not mv.ready:
-                    self._set_state(mv, UNAVAILABLE, "not selected by the version_policy")
-                new[v] = mv
+                new[v] = mv = ModelVersion(name, v, p)
+                self._set_state(mv, UNAVAILABLE, "not selected by the version_policy")
         self.versions[name] = dict(sorted(new.items()))
         if retire:
             await self._retire(name, retire, "replaced" if not initial else "")
@@ -588,18 +586,6 @@ class Repository:
                 self.versions.pop(name, None)
             changed.append(name)
         return changed
-
-    async def drain_all(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until every loaded version has answered what it accepted."""
-        schedulers = [mv.predictor for mv in self.all() if mv.predictor is not None]
-        if schedulers:
-            await asyncio.wait([asyncio.ensure_future(s.drain(timeout)) for s in schedulers])
-        if self._draining:
-            await asyncio.wait(list(self._draining), timeout=timeout)
-
-    def pending(self) -> int:
-        """Requests accepted by any version and not yet answered."""
-        return sum(mv.predictor.pending for mv in self.all() if mv.predictor is not None)
 
     # ------------------------------------------------------------------ lookups
     def all(self) -> list[ModelVersion]:
