@@ -30,14 +30,12 @@ and off, the peer.  Progress goes to the console; the report is ``report.md``,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
