@@ -300,10 +300,7 @@ def _gpu(cfg: BenchConfig, repo: Path, requests: dict[str, list[bytes]], plan: d
     models = [m for m in GPU_MODELS if (Path(cfg.repository) / m).is_dir()]
     inproc = inproc_latency(cfg.repository, None, cfg.data, models=models, batches=cfg.batches,
                             seconds=cfg.inproc_seconds, providers=("cpu", "cuda"))
-    from dataclasses import replace
-
-    gcfg = replace(cfg, batching=("on",))
-    rows = _grpc(gcfg, repo, models, requests, plan, provider="cuda")
+    rows = _grpc(cfg, repo, models, requests, plan, provider="cuda")
     device = ""
     try:
         import subprocess
