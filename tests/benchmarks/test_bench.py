@@ -82,3 +82,15 @@ def test_bench_refuses_bad_arguments(setup, tmp_path):
     assert main(["bench", "--repository", str(tmp_path / "none"), "--data", str(data), "--out", str(tmp_path)]) == 2
     assert main(["bench", "--repository", str(root / "repo"), "--data", str(data), "--out", str(tmp_path),
                  "--kinds", "rows"]) == 2
+
+
+def test_alignment_check_finds_no_difference_on_a_padded_mlp(setup):
+    from ctredge.benchmarks.alignment import check
+    from ctredge.export.validate import cpu_session
+    from ctredge.reader import read_all, resolve_spec
+
+    root, data = setup
+    spec = resolve_spec(data)
+    feeds = read_all(data, spec, limit=40).feeds
+    session = cpu_session(str(root / "repo" / "ctr-fp32" / "1" / "model.onnx"))
+    assert check(session, feeds, 4, 40) == []
