@@ -9,7 +9,7 @@ rows, else on an executor thread.
 
 Batching on: while requests come slower than runs take (moving averages),
 nothing waits or runs and ``max_queue_delay_us`` is 0, a small request runs at once as above: there is no
-batch to form, and the queue's extra event-loop turns cost ~0.3 ms on 2 cores.
+batch to form, and the queue path costs extra event-loop turns.
 Otherwise requests join a FIFO queue of at most ``max_queue_size`` requests
 (beyond: RESOURCE_EXHAUSTED, so memory stays bounded).  A dispatcher takes
 whole requests from the head of the queue, up to ``max_batch_rows`` rows, as
