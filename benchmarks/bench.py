@@ -106,23 +106,23 @@ def _section(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
     log.info("== %s done in %.1fs", name, time.perf_counter() - t0)
 
 
-def _spec_of(path: Path) -> Any:
-    import onnx
+def _spec_of(path: str) -> Any:
+    from ctredge.export.onnx import load_spec_from_onnx
 
-    from ctredge.features import METADATA_KEY, FeatureSpec
-
-    model = onnx.load(str(path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in meta:
+    spec = load_spec_from_onnx(path)
+    if spec is None:
         raise CtrEdgeError(f"{path} has no ctredge FeatureSpec in its metadata; ctredge bench needs ctredge models")
-    return FeatureSpec.from_json(meta[METADATA_KEY])
+    return spec
 
 
-def _latest_onnx(repository: Path, model: str) -> Path:
-    versions = sorted(int(p.name) for p in (repository / model).iterdir() if p.is_dir() and p.name.isdigit())
-    if not versions:
-        raise CtrEdgeError(f"{repository / model}: no version folders")
-    return repository / model / str(versions[-1]) / "model.onnx"
+def _latest_onnx(repository: Path, model: str) -> str:
+    """The newest ``model.onnx`` of ``model`` (:func:`ctredge.benchmarks.accuracy.repository_models`)."""
+    from ctredge.benchmarks.accuracy import repository_models
+
+    paths = {m["name"]: m["path"] for m in repository_models(repository)}
+    if model not in paths:
+        raise CtrEdgeError(f"{repository / model}: no version folder with a model.onnx")
+    return paths[model]
 
 
 def _rename(requests: list[bytes], model: str) -> list[bytes]:
@@ -326,8 +326,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise CtrEdgeError(f"--repository {repository} is not a folder (run `ctredge compress all` first)")
     if not Path(cfg.data).is_file():
         raise CtrEdgeError(f"--data {cfg.data} is not a file")
-    available = sorted(p.name for p in repository.iterdir() if p.is_dir() and any(
-        v.is_dir() and v.name.isdigit() for v in p.iterdir()))
+    from ctredge.benchmarks.accuracy import repository_models
+
+    available = [m["name"] for m in repository_models(repository)]
     if not available:
         raise CtrEdgeError(f"--repository {repository} holds no model (REPO/<model>/<version>/model.onnx)")
     cfg = cfg.resolved(available)
