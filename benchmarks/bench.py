@@ -360,7 +360,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             cfg.repository, cfg.trained, cfg.data, models=([FULL_MODEL] if cfg.trained else []) + list(cfg.models),
             batches=cfg.batches,
             seconds=cfg.inproc_seconds, providers=("cpu",)))
-    need_server = want & {"grpc", "footprint", "gpu"}
+    need_server = want & {"grpc", "footprint", "gpu"} or ("peer" in want and cfg.peer)
     requests: dict[str, list[bytes]] = {}
     repo = None
     if need_server:
