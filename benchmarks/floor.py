@@ -82,7 +82,7 @@ def write_noop_model(spec: FeatureSpec, path: str | os.PathLike[str], name: str 
     tmp.write_bytes(model.SerializeToString())
     os.replace(tmp, out)
     if config is not None:
-        from ctredge.serve.repository import serving_config_from_dict, write_serving_config
+        from ctredge.serving_config import serving_config_from_dict, write_serving_config
 
         cfg = serving_config_from_dict(config) if isinstance(config, dict) else config
         write_serving_config(Path(path) / name, cfg)

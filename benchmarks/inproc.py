@@ -74,11 +74,9 @@ def _ort_session(path: str, provider: str, threads: int) -> tuple[Any, list[str]
     """(session, providers it actually uses) with the serving settings."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    from ctredge.onnxrt import ort_session_options
+
+    opts = ort_session_options(intra_op_threads=threads)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
     return sess, list(sess.get_providers())

@@ -211,7 +211,7 @@ def compress_all(trained_dir: str | os.PathLike[str], repo: str | os.PathLike[st
 
 
 def _write_serving_config(model_dir: Path, name: str) -> None:
-    from ctredge.serve.repository import DynamicBatching, ServingConfig, write_serving_config
+    from ctredge.serving_config import DynamicBatching, ServingConfig, write_serving_config
 
     write_serving_config(model_dir, ServingConfig(dynamic_batching=DynamicBatching(enabled=name not in NO_BATCHING),
                                                   notes=NO_BATCHING.get(name, "")))

@@ -110,13 +110,11 @@ def cpu_session(model: Any, *, threads: int = 1) -> Any:
     """
     import onnxruntime as ort
 
+    from ctredge.onnxrt import ort_session_options
+
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts = ort_session_options(intra_op_threads=threads)
     try:
         return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types

@@ -39,11 +39,7 @@ from ctredge.serve.errors import GpuRequired, InvalidInput, LoadError, ServeErro
 
 log = logging.getLogger("ctredge.serve")
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
-GPU_PROVIDERS = (CUDA, TENSORRT)
-PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT, "trt": TENSORRT}
+from ctredge.onnxrt import CPU, CUDA, GPU_PROVIDERS, PROVIDER_ALIASES, TENSORRT, ort_session_options  # noqa: F401
 
 
 def available_providers() -> list[str]:
@@ -81,21 +77,6 @@ def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> lis
     return out
 
 
-def session_options(*, intra_op_threads: int = 1, inter_op_threads: int = 1, allow_spinning: bool = False) -> Any:
-    """ONNX Runtime ``SessionOptions`` for serving (sequential execution, quiet logs)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(intra_op_threads)
-    opts.inter_op_num_threads = int(inter_op_threads)
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    spin = "1" if allow_spinning else "0"
-    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    opts.log_severity_level = 3
-    return opts
-
-
 def create_session(path: str, *, providers: Sequence[str] = ("auto",), intra_op_threads: int = 1,
                    inter_op_threads: int = 1, allow_spinning: bool = False, require_gpu: bool = False,
                    label: str = "") -> tuple[Any, str]:
@@ -116,8 +97,8 @@ def create_session(path: str, *, providers: Sequence[str] = ("auto",), intra_op_
     if require_gpu and asked_gpu and not any(p in GPU_PROVIDERS for p in wanted):
         raise GpuRequired(f"{label}: --require-gpu, but this onnxruntime has no CUDA provider (available: "
                           f"{available}); install onnxruntime-gpu (pip install -e '.[gpu,serve]')")
-    opts = session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
-                           allow_spinning=allow_spinning)
+    opts = ort_session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                               allow_spinning=allow_spinning)
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     except Exception as exc:  # onnxruntime raises its own exception types
