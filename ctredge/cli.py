@@ -1,7 +1,7 @@
 """The ``ctredge`` command line: the one place that knows every stage.
 
 Each subcommand imports its stage inside its handler, so ``ctredge datagen``
-never loads TensorFlow and (later) ``ctredge serve`` neither.
+never loads TensorFlow and ``ctredge serve`` neither.
 """
 
 from __future__ import annotations
@@ -266,11 +266,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             dynamic_batching={"on": True, "off": False, "config": None}[args.batching],
                             providers=tuple(args.providers.split(",")) if args.providers else None,
                             metrics_port=args.metrics_port, poll_seconds=args.poll_seconds,
-                            grace_seconds=args.grace_seconds)
+                            grace_seconds=args.grace_seconds, model_control_mode=args.model_control_mode,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                            infer_token_file=args.infer_token_file, admin_token_file=args.admin_token_file,
+                            metrics_host=args.metrics_host, max_concurrent_rpcs=args.max_concurrent_rpcs)
 
     def ready(port: int, metrics_port: int | None = None) -> None:
         if metrics_port is not None:
-            print(f"metrics on http://{args.host}:{metrics_port}/metrics", file=sys.stderr, flush=True)
+            print(f"metrics on http://{args.metrics_host or args.host}:{metrics_port}/metrics", file=sys.stderr,
+                  flush=True)
         print(f"serving {args.repository} on {args.host}:{port}", flush=True)
 
     run(args.repository, options, on_ready=ready)
@@ -400,14 +404,28 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--require-gpu", action="store_true", help="fail unless models run on the CUDA provider")
     sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model (default: config.json, 1)")
     sv.add_argument("--workers", type=int, help="threads running inferences concurrently (default: CPU count)")
-    sv.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
+    sv.add_argument("--max-message-mb", type=int, default=16,
+                    help="gRPC message size limit, after decompression (default 16)")
     sv.add_argument("--batching", choices=("config", "on", "off"), default="config",
                     help="dynamic batching: as each model's config.json says (default), or forced on/off")
     sv.add_argument("--providers", help="execution providers for every model, e.g. 'cpu' or 'cuda,cpu' "
                                         "(default: each config.json's, 'auto' = CUDA if available, then CPU)")
     sv.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (0: any)")
+    sv.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
+    sv.add_argument("--model-control-mode", choices=("none", "poll", "explicit"),
+                    help="Triton's: none (default) refuses load/unload calls; poll re-reads the repository every "
+                         "--poll-seconds and refuses them; explicit takes RepositoryModelLoad/Unload")
     sv.add_argument("--poll-seconds", type=float,
-                    help="re-read the repository this often, loading new/changed versions (default: off)")
+                    help="with --model-control-mode poll: re-read the repository this often (default 5; "
+                         "given alone, it implies poll mode)")
+    sv.add_argument("--tls-cert", help="PEM certificate (chain) of the server: serve gRPC over TLS")
+    sv.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sv.add_argument("--tls-client-ca", help="PEM CA that signs client certificates: mutual TLS")
+    sv.add_argument("--infer-token-file", help="bearer tokens (one per line) that may infer and read metadata")
+    sv.add_argument("--admin-token-file",
+                    help="bearer tokens (one per line) for model control, repository index and statistics")
+    sv.add_argument("--max-concurrent-rpcs", type=int, default=2048,
+                    help="calls held at once; beyond, RESOURCE_EXHAUSTED (default 2048)")
     sv.add_argument("--grace-seconds", type=float, default=5.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     sv.set_defaults(func=cmd_serve)

@@ -57,7 +57,9 @@ from ctredge.serve.stats import Metrics
 log = logging.getLogger("ctredge.serve")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+_METHOD_NAMES = frozenset(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,14 @@ class ServerOptions:
     text over HTTP on that port (0 picks one; None: off).  ``poll_seconds``:
     re-read the repository this often (None: only on RepositoryModelLoad).
     ``grace_seconds``: how long a stop waits for accepted requests.
+    ``model_control_mode`` (Triton's): ``none`` loads the repository at start and
+    refuses RepositoryModelLoad/Unload; ``poll`` also re-reads it every
+    ``poll_seconds`` (default 5) and refuses them too; ``explicit`` loads it at start
+    and takes load/unload calls.  None: ``poll`` when ``poll_seconds`` is set, else
+    ``none``.  ``tls_cert``/``tls_key``/``tls_client_ca`` and
+    ``infer_token_file``/``admin_token_file``: :mod:`.security`.  ``metrics_host``:
+    the address of the metrics endpoint (None: ``host``).  ``max_concurrent_rpcs``:
+    calls the server holds at once; beyond, RESOURCE_EXHAUSTED.
     """
 
     host: str = "127.0.0.1"
@@ -87,8 +97,28 @@ class ServerOptions:
     providers: tuple[str, ...] | None = None
     metrics_port: int | None = None
     poll_seconds: float | None = None
+    model_control_mode: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    infer_token_file: str | None = None
+    admin_token_file: str | None = None
+    metrics_host: str | None = None
+    max_concurrent_rpcs: int = 2048
 
     def __post_init__(self) -> None:
+        mode = self.model_control_mode
+        if mode is None:
+            mode = "poll" if self.poll_seconds else "none"
+        if mode not in MODEL_CONTROL_MODES:
+            raise ServeError(f"model control mode must be one of {MODEL_CONTROL_MODES}, got {mode!r}")
+        if self.poll_seconds is not None and mode != "poll":
+            raise ServeError(f"poll_seconds is only used with model control mode 'poll', got mode {mode!r}")
+        object.__setattr__(self, "model_control_mode", mode)
+        if mode == "poll" and self.poll_seconds is None:
+            object.__setattr__(self, "poll_seconds", 5.0)
+        if self.max_concurrent_rpcs < 1:
+            raise ServeError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ServeError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         if self.poll_seconds is not None and self.poll_seconds <= 0:
@@ -311,12 +341,17 @@ class InferenceServer:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
+        from ctredge.serve import security
+
         o = self.options
-        self._server = grpc.aio.server(options=[
+        credentials = security.server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
+        interceptors = security.interceptors(o.infer_token_file, o.admin_token_file, tls=credentials is not None,
+                                             on_refused=self._refused)
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", o.max_message_bytes),
             ("grpc.max_send_message_length", o.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ])
+        ], maximum_concurrent_rpcs=o.max_concurrent_rpcs)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._server)
         self._health = health.aio.HealthServicer()
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -326,14 +361,19 @@ class InferenceServer:
             self._server)
         address = f"{o.host}:{o.port}" if ":" not in o.host else f"[{o.host}]:{o.port}"
         try:
-            port = self._server.add_insecure_port(address)
+            if credentials is not None:
+                port = self._server.add_secure_port(address, credentials)
+            else:
+                port = self._server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ServeError(f"cannot listen on {address}: {exc}") from exc
         if not port:
             raise ServeError(f"cannot listen on {address} (address in use?)")
         self.port = port
         await self._server.start()
-        log.info("listening on %s:%d (live; loading models from %s)", o.host, port, self.repository.root)
+        log.info("listening on %s:%d (%s; live; loading models from %s; model control %s)", o.host, port,
+                 "TLS" + (" with client certificates" if o.tls_client_ca else "") if credentials else "plaintext",
+                 self.repository.root, o.model_control_mode)
         try:
             await self.repository.load()
         except BaseException:
@@ -342,7 +382,7 @@ class InferenceServer:
             raise
         if self.metrics is not None:
             try:
-                self.metrics_port = self.metrics.serve(o.metrics_port, o.host)
+                self.metrics_port = self.metrics.serve(o.metrics_port, o.metrics_host or o.host)
             except BaseException:
                 await self._server.stop(None)
                 self.executor.shutdown(wait=False)
@@ -354,6 +394,11 @@ class InferenceServer:
         log.info("ready: %s", ", ".join(f"{mv.name} v{mv.version} on {mv.provider}"
                                         for mv in self.repository.all() if mv.ready) or "no model is ready")
         return port
+
+    def _refused(self, method: str, code: Any) -> None:
+        if self.metrics is not None:
+            short = method.rsplit("/", 1)[-1]
+            self.metrics.refused(short if short in _METHOD_NAMES else "other", code.name)
 
     async def _update_health(self) -> None:
         from grpc_health.v1 import health_pb2

@@ -143,6 +143,8 @@ class Metrics:
                                  ["model", "version", "state"], registry=r)
         self.model_info = Gauge("ctredge_model_info", "1 while the version is loaded, with its execution provider",
                                 ["model", "version", "provider"], registry=r)
+        self.refusals = Counter("ctredge_refused_calls", "Calls refused before their handler ran (tokens)",
+                                ["method", "code"], registry=r)
         self._http: Any = None
 
     def request(self, model: str, version: str, code: str, total_s: float, queue_s: float = 0.0,
@@ -152,6 +154,10 @@ class Metrics:
         if ok:
             self.queue_seconds.labels(model).observe(queue_s)
             self.compute_seconds.labels(model).observe(compute_s)
+
+    def refused(self, method: str, code: str) -> None:
+        """Count a call refused before its handler; ``method`` is a short method name or ``other``."""
+        self.refusals.labels(method, code).inc()
 
     def execution(self, model: str, version: str, rows: int) -> None:
         self.inferences.labels(model, version).inc(rows)
