@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from ctredge.serve.errors import InvalidInput
+from ctredge.serve.errors import InvalidInput, Unimplemented
 
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -112,11 +112,15 @@ def serialize_bytes(values: np.ndarray | Iterable[Any]) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(buf: bytes, count: int, name: str = "") -> np.ndarray:
+def deserialize_bytes(buf: bytes, count: int, name: str = "", max_value_bytes: int | None = None) -> np.ndarray:
     """Parse ``count`` length-prefixed elements from ``buf`` into a 1-D object array of bytes.
 
+    ``max_value_bytes``: refuse an element longer than this (checked on its
+    length prefix, before it is copied).
+
     Raises:
-        InvalidInput: a length prefix points past the buffer, or bytes are left over.
+        InvalidInput: a length prefix points past the buffer, bytes are left over,
+            or an element is longer than ``max_value_bytes``.
     """
     n = len(buf)
     if count * 4 > n:  # every element takes at least its 4-byte length: refuse before allocating
@@ -133,6 +137,8 @@ def deserialize_bytes(buf: bytes, count: int, name: str = "") -> np.ndarray:
         mat = np.frombuffer(buf, dtype=np.uint8).reshape(count, k + 4)
         lens = np.ascontiguousarray(mat[:, :4]).view("<u4").reshape(-1)
         if (lens == k).all() and (k == 0 or not (mat[:, -1] == 0).any()):
+            if max_value_bytes is not None and k > max_value_bytes:
+                raise InvalidInput(f"input {name!r}: BYTES values of {k} bytes, expected at most {max_value_bytes}")
             if k == 0:
                 out[:] = b""
                 return out
@@ -140,8 +146,11 @@ def deserialize_bytes(buf: bytes, count: int, name: str = "") -> np.ndarray:
     values: list[bytes] = []
     append, unpack, off = values.append, _LEN.unpack_from, 0
     try:
-        for _ in range(count):  # unchecked: a bad buffer is diagnosed below
+        cap = n if max_value_bytes is None else max_value_bytes
+        for i in range(count):  # a bad buffer is diagnosed below
             (size,) = unpack(buf, off)
+            if size > cap and off + 4 + size <= n:
+                raise InvalidInput(f"input {name!r}: BYTES element {i} has {size} bytes, expected at most {cap}")
             append(buf[off + 4:off + 4 + size])
             off += 4 + size
     except struct.error:
@@ -173,21 +182,98 @@ def _diagnose_bytes(buf: bytes, count: int, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- requests (server side)
-def _shape(name: str, dims: Sequence[int]) -> tuple[tuple[int, ...], int]:
+MAX_DIMS = 8  # more dimensions than any model here has; refused before anything is allocated
+MAX_NAME_SHOWN = 64
+
+
+def shown(name: str) -> str:
+    """``repr`` of a client-given name, truncated for messages."""
+    return repr(name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "...")
+
+
+def _shape(name: str, dims: Sequence[int], max_elements: int | None = None) -> tuple[tuple[int, ...], int]:
+    if len(dims) > MAX_DIMS:
+        raise InvalidInput(f"input {shown(name)}: {len(dims)} dimensions, expected at most {MAX_DIMS}")
     shape = tuple(int(d) for d in dims)
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        raise InvalidInput(f"input {shown(name)}: shape {list(shape)} has a negative dimension")
     count = 1
     for d in shape:
         count *= d
+    if max_elements is not None and (count > max_elements or any(d > max_elements for d in shape)):
+        raise InvalidInput(f"input {shown(name)}: shape {list(shape)} is larger than this model takes "
+                           f"(at most {max_elements} elements per request, limits.max_elements)")
     return shape, count
 
 
-def decode_inputs(request: Any) -> dict[str, np.ndarray]:
+def check_parameters(request: Any) -> None:
+    """Refuse request, input and output ``parameters``: none is implemented (shared memory included).
+
+    Raises:
+        Unimplemented: naming the parameters.
+    """
+    found = [f"request parameter {shown(k)}" for k in request.parameters]
+    for t in request.inputs:
+        found += [f"input {shown(t.name)} parameter {shown(k)}" for k in t.parameters]
+    for o in request.outputs:
+        found += [f"output {shown(o.name)} parameter {shown(k)}" for k in o.parameters]
+    if found:
+        shm = any("shared_memory" in f for f in found)
+        raise Unimplemented(f"this server implements no inference parameters{' (no shared memory)' if shm else ''}; "
+                            f"got {', '.join(found[:8])}" + (f" and {len(found) - 8} more" if len(found) > 8 else ""))
+
+
+def check_request(request: Any, signature: Any, limits: Any) -> int:
+    """Check a request's header against the model before any per-element work; returns its element count.
+
+    ``signature``: the model's (``check_header(name, datatype, shape)`` and
+    ``value_limit(name)``); ``limits``: its :class:`~ctredge.serving_config.RequestLimits`.
+
+    Raises:
+        Unimplemented: parameters (shared memory and the like).
+        InvalidInput: unknown or repeated names, wrong datatypes, ranks or fixed
+            dimensions, or more elements or BYTES payload than ``limits`` allow.
+    """
+    check_parameters(request)
+    inputs, raws = request.inputs, request.raw_input_contents
+    if raws and len(raws) != len(inputs):
+        raise InvalidInput(f"raw_input_contents must hold one buffer per input: {len(inputs)} input(s), "
+                           f"got {len(raws)} buffer(s)")
+    total = bytes_elements = payload = 0
+    seen: set[str] = set()
+    for i, t in enumerate(inputs):
+        if t.name in seen:
+            raise InvalidInput(f"input {shown(t.name)} appears more than once in the request")
+        seen.add(t.name)
+        signature.check_header(t.name, t.datatype, t.shape)
+        _, count = _shape(t.name, t.shape, limits.max_elements)
+        total += count
+        if t.datatype == "BYTES":
+            bytes_elements += count
+            payload += len(raws[i]) if raws else 0
+    if total > limits.max_elements:
+        raise InvalidInput(f"the request carries {total} elements, expected at most {limits.max_elements} "
+                           f"(limits.max_elements)")
+    if bytes_elements > limits.max_bytes_elements:
+        raise InvalidInput(f"the request carries {bytes_elements} BYTES elements, expected at most "
+                           f"{limits.max_bytes_elements} (limits.max_bytes_elements)")
+    if not raws:
+        for t in inputs:
+            if t.datatype == "BYTES":
+                payload += sum(map(len, t.contents.bytes_contents))
+    if payload > limits.max_bytes_payload:
+        raise InvalidInput(f"the request's BYTES inputs carry {payload} bytes, expected at most "
+                           f"{limits.max_bytes_payload} (limits.max_bytes_payload)")
+    return total
+
+
+def decode_inputs(request: Any, value_limit: Any = None) -> dict[str, np.ndarray]:
     """The input tensors of a ``ModelInferRequest`` as ``{name: array}``.
 
     BYTES become object arrays of ``bytes``; numeric raw buffers become
-    read-only views (no copy).  Takes raw or typed contents.
+    read-only views (no copy).  Takes raw or typed contents.  ``value_limit(name)``:
+    the longest BYTES element input ``name`` may carry (None: no limit); call
+    :func:`check_request` first to bound the rest.
 
     Raises:
         InvalidInput: an unknown datatype, a repeated name, a negative dimension,
@@ -211,15 +297,22 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
         if raws:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input {name!r} has both raw_input_contents and typed contents; send one")
-            out[name] = _from_raw(name, dt, shape, count, raws[i])
+            out[name] = _from_raw(name, dt, shape, count, raws[i], value_limit(name) if value_limit else None)
         else:
             out[name] = _from_contents(name, dt, shape, count, tensor.contents)
+            if dt == "BYTES" and value_limit is not None and count:
+                cap = value_limit(name)
+                longest = max(map(len, tensor.contents.bytes_contents))
+                if longest > cap:
+                    raise InvalidInput(f"input {shown(name)}: a BYTES element has {longest} bytes, expected at "
+                                       f"most {cap}")
     return out
 
 
-def _from_raw(name: str, dt: str, shape: tuple[int, ...], count: int, raw: bytes) -> np.ndarray:
+def _from_raw(name: str, dt: str, shape: tuple[int, ...], count: int, raw: bytes,
+              max_value_bytes: int | None = None) -> np.ndarray:
     if dt == "BYTES":
-        return deserialize_bytes(raw, count, name).reshape(shape)
+        return deserialize_bytes(raw, count, name, max_value_bytes).reshape(shape)
     dtype = DATATYPES[dt]
     want = count * dtype.itemsize
     if len(raw) != want:

@@ -63,13 +63,34 @@ class Unimplemented(ServeError):
 
 
 class LoadError(ServeError):
-    """A model could not be loaded (file, metadata, providers or warm-up); the reason says which."""
+    """A model could not be loaded (file, metadata, providers or warm-up); the reason says which.
+
+    ``public``: what a client may be told (no paths, no file contents); the
+    message itself goes to the server log.
+    """
+
+    def __init__(self, message: str, public: str = "it failed to load"):
+        super().__init__(message)
+        self.public = public
 
 
 class LoadRefused(ServeError):
     """RepositoryModelLoad found a version it cannot serve; what already served keeps serving."""
 
     code_name = "INVALID_ARGUMENT"
+
+
+class IntegrityError(LoadError):
+    """A version's files do not match the sha256 recorded in its ``manifest.json``."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "its files do not match its manifest.json")
+
+
+class ControlDisabled(ServeError):
+    """A model-control call (load/unload) that the server's ``--model-control-mode`` does not allow."""
+
+    code_name = "FAILED_PRECONDITION"
 
 
 class GpuRequired(LoadError):

@@ -72,7 +72,7 @@ def model_config(mv: ModelVersion) -> Any:
         conf.version_policy.specific.versions.extend(policy.versions)
     else:
         conf.version_policy.latest.num_versions = policy.num_versions
-    scheduler = mv.predictor
+    scheduler = mv.scheduler
     if scheduler is not None and getattr(scheduler, "enabled", False):
         db = cfg.dynamic_batching
         conf.dynamic_batching.max_queue_delay_microseconds = db.max_queue_delay_us

@@ -24,18 +24,20 @@ import asyncio
 import json
 import logging
 import os
+import re
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ctredge.artifacts import MANIFEST, sha256_file
 from ctredge.errors import ConfigError, CtrEdgeError
 from ctredge.features import METADATA_KEY, FeatureSpec
 from ctredge.serving_config import (  # noqa: F401  (re-exported: the server's view of config.json)
     CONFIG_FILE, DynamicBatching, RequestLimits, ServingConfig, VersionPolicy, read_serving_config,
     serving_config_from_dict, serving_config_to_dict, write_serving_config,
 )
-from ctredge.serve.errors import GpuRequired, LoadError, ModelNotFound, ModelUnavailable
+from ctredge.serve.errors import GpuRequired, IntegrityError, LoadError, ModelNotFound, ModelUnavailable
 from ctredge.serve.runtime import Runner, create_session
 from ctredge.serve.signature import CtrSignature, PlainSignature, check_session
 from ctredge.serve.stats import ModelStats
@@ -51,9 +53,12 @@ READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 class ModelVersion:
     """One ``REPO/<model>/<version>``: its state and, once loaded, its signature, runner and scheduler.
 
-    ``predictor`` is the :class:`~ctredge.serve.batcher.Scheduler`:
-    ``await predictor.predict(feeds, deadline) -> ({output: array}, Timing)``.
-    ``fingerprint`` identifies the files it was loaded from (a change reloads it).
+    ``scheduler``: :class:`~ctredge.serve.batcher.Scheduler`,
+    ``await scheduler.predict(feeds, deadline) -> ({output: array}, Timing)``.
+    ``fingerprint`` identifies the files it was loaded from, ``config`` the
+    settings it was built with: a change of either rebuilds it on reload.
+    ``reason`` is what clients see (no paths, no file contents); the server log
+    has the details.
     """
 
     name: str
@@ -64,7 +69,7 @@ class ModelVersion:
     reason: str = ""
     signature: Any = None
     runner: Runner | None = None
-    predictor: Any = None
+    scheduler: Any = None
     provider: str = ""
     stats: ModelStats | None = None
     fingerprint: tuple = ()
@@ -78,6 +83,24 @@ class ModelVersion:
         return getattr(self.signature, "spec", None)
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+MAX_NAME_SHOWN = 64
+
+
+def shown(name: str) -> str:
+    """``repr`` of a client-given name, truncated to :data:`MAX_NAME_SHOWN` characters for messages."""
+    return repr(name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "...")
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` can be a model folder's name: letters, digits, ``_ . -``, no leading dot, <= 128 chars.
+
+    No separator, no ``..``, no absolute path can pass, so a name checked here
+    never leaves the repository folder.
+    """
+    return isinstance(name, str) and MODEL_NAME.fullmatch(name) is not None
+
+
 def fingerprint(path: Path) -> tuple:
     """(name, size, mtime_ns) of every file under ``path`` (a model or version folder), sorted."""
     out = []
@@ -89,6 +112,43 @@ def fingerprint(path: Path) -> tuple:
         except OSError:
             continue
     return tuple(out)
+
+
+def verify_files(mv: ModelVersion) -> None:
+    """Check the version's files against its ``manifest.json`` when it has one (``compress`` writes it).
+
+    ``config.json`` is the operator's to edit and is not checked.
+
+    Raises:
+        IntegrityError: a listed file is missing or its size or sha256 changed.
+    """
+    path = mv.path / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"] if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise ValueError("no 'files' table")
+    except (OSError, ValueError, KeyError) as exc:
+        raise IntegrityError(f"{mv.name} v{mv.version}: {path} cannot be read: {exc}") from exc
+    for rel, info in sorted(files.items()):
+        if rel == CONFIG_FILE or not isinstance(info, dict):
+            continue
+        fp = mv.path / rel
+        if not fp.is_file():
+            raise IntegrityError(f"{mv.name} v{mv.version}: {rel} is listed in {MANIFEST} but missing")
+        if fp.stat().st_size != info.get("bytes") or sha256_file(fp) != info.get("sha256"):
+            raise IntegrityError(f"{mv.name} v{mv.version}: {rel} does not match the sha256 in its {MANIFEST}")
+
+
+def public_reason(exc: BaseException) -> str:
+    """What a client is told about a version that failed to load: the kind of failure, never paths or contents."""
+    if isinstance(exc, ConfigError):
+        return "its config.json is invalid (details in the server log)"
+    if isinstance(exc, LoadError):
+        return f"{exc.public} (details in the server log)"
+    return "it failed to load (details in the server log)"
 
 
 @dataclass(frozen=True)
@@ -107,25 +167,29 @@ class LoadSettings:
     providers: tuple[str, ...] | None = None
 
 
-def load_version(mv: ModelVersion, *, require_gpu: bool = False, intra_op_threads: int | None = None,
-                 executor: Executor | None = None, settings: LoadSettings | None = None,
+def load_version(mv: ModelVersion, *, executor: Executor | None = None, settings: LoadSettings | None = None,
                  on_execution: Callable[[ModelVersion, Any], None] | None = None) -> None:
-    """Load one model version in the calling thread: session, signature, warm-up, scheduler; sets ``mv`` READY.
+    """Load one model version in the calling thread: files checked, session, signature, warm-up, scheduler.
+
+    Sets ``mv`` READY.  ``mv.config`` is used when set, else read from disk.
 
     Raises:
         GpuRequired: ``require_gpu`` and the model would not run on a GPU provider.
+        IntegrityError: its files do not match its manifest.
         LoadError / ConfigError / CtrEdgeError: the reason the version cannot serve.
     """
     from ctredge.serve.batcher import Scheduler
 
-    settings = settings or LoadSettings(require_gpu=require_gpu, intra_op_threads=intra_op_threads)
+    settings = settings or LoadSettings()
     label = f"{mv.name} v{mv.version}"
-    mv.fingerprint = fingerprint(mv.path)
+    if not mv.fingerprint:
+        mv.fingerprint = fingerprint(mv.path)
     cfg = mv.config if mv.config is not None else read_serving_config(mv.path.parent, mv.version)
     mv.config = cfg
     model_file = mv.path / MODEL_FILE
     if not model_file.is_file():
-        raise LoadError(f"{label}: {model_file} is missing")
+        raise LoadError(f"{label}: {model_file} is missing", f"its {MODEL_FILE} is missing")
+    verify_files(mv)
     threads = cfg.intra_op_threads if settings.intra_op_threads is None else settings.intra_op_threads
     providers = settings.providers or cfg.providers
     session, provider = create_session(str(model_file), providers=providers, intra_op_threads=threads,
@@ -136,20 +200,21 @@ def load_version(mv: ModelVersion, *, require_gpu: bool = False, intra_op_thread
         try:
             spec = FeatureSpec.from_json(meta[METADATA_KEY])
         except CtrEdgeError as exc:
-            raise LoadError(f"{label}: the FeatureSpec in its metadata is invalid: {exc}") from exc
+            raise LoadError(f"{label}: the FeatureSpec in its metadata is invalid: {exc}",
+                            "the FeatureSpec in its metadata is invalid") from exc
         try:
             check_session(session, spec)
         except LoadError as exc:
-            raise LoadError(f"{label}: {exc}") from exc
-        signature: Any = CtrSignature(spec, cfg.max_batch_size)
+            raise LoadError(f"{label}: {exc}", "its graph does not follow its FeatureSpec") from exc
+        signature: Any = CtrSignature(spec, cfg.max_batch_size, cfg.limits)
     else:
-        signature = PlainSignature(session, cfg.max_batch_size)
+        signature = PlainSignature(session, cfg.max_batch_size, cfg.limits)
     runner = Runner(session, name=mv.name, version=mv.version, provider=provider, executor=executor,
                     inline_max_rows=cfg.inline_max_rows)
     try:
         out = runner.run(signature.warmup_feeds(seed=0))
     except Exception as exc:
-        raise LoadError(f"{label}: warm-up inference failed: {exc}") from exc
+        raise LoadError(f"{label}: warm-up inference failed: {exc}", "its warm-up inference failed") from exc
     batching = cfg.dynamic_batching
     if settings.dynamic_batching is not None and settings.dynamic_batching != batching.enabled:
         log.info("%s: dynamic batching forced %s by the server (config.json says %s)", label,
@@ -166,8 +231,19 @@ def load_version(mv: ModelVersion, *, require_gpu: bool = False, intra_op_thread
              (f"on (max {batching.max_batch_rows} rows, delay {batching.max_queue_delay_us} us, queue "
               f"{batching.max_queue_size}, {scheduler.max_concurrency} concurrent runs)")
              if scheduler.enabled else "off")
-    mv.signature, mv.runner, mv.predictor, mv.provider, mv.stats = signature, runner, scheduler, provider, stats
+    mv.signature, mv.runner, mv.scheduler, mv.provider, mv.stats = signature, runner, scheduler, provider, stats
     mv.state, mv.reason = READY, ""
+
+
+@dataclass
+class ModelScan:
+    """What a model folder holds, read in one pass off the event loop (:meth:`Repository._scan`)."""
+
+    found: dict[int, Path]
+    folder: tuple  # fingerprint of the whole model folder
+    versions: dict[int, tuple]  # fingerprint of each version folder
+    configs: dict[int, ServingConfig | ConfigError]
+    policy: VersionPolicy | ConfigError
 
 
 class Repository:
@@ -175,18 +251,23 @@ class Repository:
 
     Reloads (:meth:`load_model`, from RepositoryModelLoad or polling) load and
     warm every new or changed version the policy selects before it takes
-    traffic; the versions it replaces stop taking new requests, finish the ones
-    they have, and are released.  If a selected version fails to load, the
-    versions already serving keep serving (logged) and the failed one is listed
-    ``UNAVAILABLE`` with the reason.
+    traffic (changed: its files, or the config it would be built with); the
+    versions it replaces stop taking new requests, finish the ones they have,
+    and are released.  If a selected version fails to load, the versions
+    already serving keep serving (logged) and the failed one is listed
+    ``UNAVAILABLE`` with the reason.  Every filesystem walk, read and hash runs
+    on a worker thread, never on the event loop.
+
+    A model name is the name of a folder directly inside ``root``
+    (:func:`is_model_name`); any other name is :class:`ModelNotFound` before the
+    filesystem is touched, and a model folder that resolves outside ``root``
+    (a symbolic link) is refused.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, require_gpu: bool = False,
-                 intra_op_threads: int | None = None, executor: Executor | None = None,
+    def __init__(self, root: str | os.PathLike[str], *, executor: Executor | None = None,
                  settings: LoadSettings | None = None, metrics: Any = None, drain_seconds: float = 30.0):
         self.root = Path(root)
-        self.settings = settings or LoadSettings(require_gpu=require_gpu, intra_op_threads=intra_op_threads)
-        self.require_gpu = self.settings.require_gpu
+        self.settings = settings or LoadSettings()
         self.executor = executor
         self.metrics = metrics
         self.drain_seconds = drain_seconds
@@ -196,13 +277,58 @@ class Repository:
         self._seen: dict[str, tuple] = {}  # model folder fingerprints at the last (re)load
         self._draining: set[asyncio.Task] = set()
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ the folder (worker threads)
     def model_dirs(self) -> list[Path]:
-        """Model folders of the repository (hidden ones skipped).  Raises :class:`LoadError` if ``root`` is not a folder."""
+        """Model folders of the repository (hidden ones and names that cannot be models skipped).
+
+        Raises :class:`LoadError` if ``root`` is not a folder.
+        """
         if not self.root.is_dir():
             raise LoadError(f"model repository {self.root} is not a folder")
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.is_dir() and is_model_name(p.name):
+                out.append(p)
+            elif p.is_dir() and not p.name.startswith("."):
+                log.warning("repository: folder %r skipped: a model name has only letters, digits and _ . -",
+                            p.name)
+        return out
 
+    def _model_dir(self, name: str) -> Path:
+        """``root/name`` after checking it is a model folder inside ``root``; raises :class:`ModelNotFound`."""
+        if not is_model_name(name):
+            raise ModelNotFound(f"model {shown(name)} is not in the repository")
+        path = self.root / name
+        try:
+            inside = path.is_dir() and path.resolve().parent == self.root.resolve()
+        except OSError:
+            inside = False
+        if not inside:
+            if path.is_dir():
+                log.error("model folder %s resolves outside the repository %s; refused", path, self.root)
+            raise ModelNotFound(f"model {shown(name)} is not in the repository")
+        return path
+
+    def _scan(self, name: str) -> ModelScan:
+        model_dir = self._model_dir(name)
+        found = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
+        try:
+            policy: VersionPolicy | ConfigError = read_serving_config(model_dir).version_policy
+        except ConfigError as exc:
+            policy = exc
+        configs: dict[int, ServingConfig | ConfigError] = {}
+        for v in found:
+            try:
+                configs[v] = read_serving_config(model_dir, v)
+            except ConfigError as exc:
+                configs[v] = exc
+        return ModelScan(found, fingerprint(model_dir), {v: fingerprint(p) for v, p in found.items()}, configs,
+                         policy)
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # ------------------------------------------------------------------ loading
     async def load(self) -> None:
         """Load every model of the repository, one version at a time, off the event loop.
 
@@ -210,7 +336,7 @@ class Repository:
             GpuRequired: with ``require_gpu``, the first model that would not run on the GPU.
             LoadError: ``root`` is not a folder.
         """
-        for model_dir in self.model_dirs():
+        for model_dir in await self._in_thread(self.model_dirs):
             await self.load_model(model_dir.name, initial=True)
         self.loaded = True
         ready = [f"{m.name} v{m.version} ({m.provider})" for m in self.all() if m.ready]
@@ -235,57 +361,50 @@ class Repository:
 
         New and changed versions that the policy selects are loaded and warmed
         first; only then does the model's version table switch, and the versions
-        no longer served drain in the background.
+        no longer served drain in the background.  The problems are safe to show
+        a client (no paths, no file contents); the log has the details.
 
         Raises:
-            ModelNotFound: no folder ``REPO/name``.
+            ModelNotFound: ``name`` is not a model folder of the repository.
             GpuRequired: with ``require_gpu``.
         """
+        if not is_model_name(name):  # before any lock or filesystem access
+            raise ModelNotFound(f"model {shown(name)} is not in the repository")
         async with self._lock(name):
             return await self._load_model(name, initial)
 
     async def _load_model(self, name: str, initial: bool) -> list[str]:
-        model_dir = self.root / name
-        if not model_dir.is_dir() or name.startswith("."):
-            raise ModelNotFound(f"model {name!r} has no folder in the repository {self.root}")
-        self._seen[name] = fingerprint(model_dir)
+        scan: ModelScan = await self._in_thread(self._scan, name)
+        self._seen[name] = scan.folder
         current = self.versions.get(name, {})
-        found = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
-        if not found:
-            log.warning("%s: no version folders (REPO/<model>/<version>/%s); skipped", model_dir, MODEL_FILE)
+        if not scan.found:
+            log.warning("%s: no version folders (REPO/<model>/<version>/%s); skipped", self.root / name, MODEL_FILE)
             if current:
                 await self._retire(name, list(current.values()), "its version folders were removed")
                 self.versions.pop(name, None)
             return [f"{name}: no version folders"]
-        try:
-            policy = read_serving_config(model_dir).version_policy
-        except ConfigError as exc:
-            serving = [mv for mv in current.values() if mv.ready]
-            if serving:
-                msg = (f"model {name}: new config refused, keeping {', '.join(f'v{mv.version}' for mv in serving)} "
-                       f"serving: {exc}")
-                log.error("%s", msg)
-                return [msg]
-            entries = {v: ModelVersion(name, v, p) for v, p in sorted(found.items())}
-            for mv in entries.values():
-                self._set_state(mv, UNAVAILABLE, str(exc))
-            self.versions[name] = entries
-            log.error("model %s cannot be served: %s", name, exc)
-            return [str(exc)]
-        selected = policy.select(list(found))
+        if isinstance(scan.policy, ConfigError):
+            return self._config_refused(name, current, scan, scan.policy)
+        selected = scan.policy.select(list(scan.found))
         problems: list[str] = []
         new: dict[int, ModelVersion] = {}
-        for v in sorted(found):
+        for v in sorted(scan.found):
             old = current.get(v)
             if v not in selected:
                 continue
-            if old is not None and old.ready and old.fingerprint == fingerprint(found[v]):
+            cfg = scan.configs[v]
+            if (old is not None and old.ready and old.fingerprint == scan.versions[v]
+                    and isinstance(cfg, ServingConfig) and old.config == cfg):
                 new[v] = old  # unchanged and serving
                 continue
-            mv = ModelVersion(name, v, found[v])
-            await self._load_version(mv)
+            mv = ModelVersion(name, v, scan.found[v], fingerprint=scan.versions[v])
+            if isinstance(cfg, ConfigError):
+                self._failed(mv, cfg)
+            else:
+                mv.config = cfg
+                await self._load_version(mv)
             if not mv.ready:
-                problems.append(f"{name} v{v}: {mv.reason}")
+                problems.append(f"v{v}: {mv.reason}")
             new[v] = mv
         failed = [v for v in selected if not new[v].ready]
         retire: list[ModelVersion] = []
@@ -299,7 +418,7 @@ class Repository:
                 new[v] = old
                 continue
             retire.append(old)
-        for v, p in found.items():
+        for v, p in scan.found.items():
             if v not in new:
                 new[v] = mv = ModelVersion(name, v, p)
                 self._set_state(mv, UNAVAILABLE, "not selected by the version_policy")
@@ -311,6 +430,26 @@ class Repository:
                      ", ".join(f"v{v}" for v in self.ready_versions(name)) or "nothing")
         return problems
 
+    def _config_refused(self, name: str, current: dict[int, ModelVersion], scan: ModelScan,
+                        exc: ConfigError) -> list[str]:
+        serving = [mv for mv in current.values() if mv.ready]
+        log.error("model %s: config refused: %s", name, exc)
+        if serving:
+            return [f"its config.json is invalid (details in the server log); keeping "
+                    f"{', '.join(f'v{mv.version}' for mv in serving)} serving"]
+        entries = {v: ModelVersion(name, v, p) for v, p in sorted(scan.found.items())}
+        for mv in entries.values():
+            self._set_state(mv, UNAVAILABLE, public_reason(exc))
+        self.versions[name] = entries
+        return [public_reason(exc)]
+
+    def _failed(self, mv: ModelVersion, exc: BaseException) -> None:
+        self._set_state(mv, UNAVAILABLE, public_reason(exc))
+        if isinstance(exc, CtrEdgeError):
+            log.error("model %s v%d failed to load: %s", mv.name, mv.version, exc)
+        else:
+            log.error("model %s v%d failed to load", mv.name, mv.version, exc_info=exc)
+
     async def _load_version(self, mv: ModelVersion) -> None:
         loop = asyncio.get_running_loop()
         self._set_state(mv, LOADING)
@@ -320,20 +459,16 @@ class Repository:
         except GpuRequired:
             raise
         except Exception as exc:  # one bad version never stops the others
-            self._set_state(mv, UNAVAILABLE, str(exc))
-            if isinstance(exc, CtrEdgeError):
-                log.error("model %s v%d failed to load: %s", mv.name, mv.version, exc)
-            else:
-                log.exception("model %s v%d failed to load", mv.name, mv.version)
+            self._failed(mv, exc)
             return
         self._set_state(mv, READY)
-        if self.metrics is not None and mv.predictor is not None:
-            self.metrics.track_queue(mv.name, str(mv.version), lambda s=mv.predictor: s.queued)
+        if self.metrics is not None and mv.scheduler is not None:
+            self.metrics.track_queue(mv.name, str(mv.version), lambda s=mv.scheduler: s.queued)
 
     async def _retire(self, name: str, versions: list[ModelVersion], why: str) -> None:
         """Stop routing to ``versions``; they finish their requests in the background, then are released."""
         for mv in versions:
-            if mv.predictor is None:
+            if mv.scheduler is None:
                 continue
             log.info("model %s v%d: draining (%s)", name, mv.version, why or "unloaded")
             task = asyncio.get_running_loop().create_task(self._drain(mv))
@@ -341,14 +476,14 @@ class Repository:
             task.add_done_callback(self._draining.discard)
 
     async def _drain(self, mv: ModelVersion) -> None:
-        drained = await mv.predictor.drain(self.drain_seconds)
+        drained = await mv.scheduler.drain(self.drain_seconds)
         if not drained:
             log.warning("model %s v%d: %d request(s) still running after %.0fs; releasing it anyway",
-                        mv.name, mv.version, mv.predictor.pending, self.drain_seconds)
+                        mv.name, mv.version, mv.scheduler.pending, self.drain_seconds)
         if self.metrics is not None:
             self.metrics.state(mv.name, str(mv.version), "UNAVAILABLE", mv.provider)
         mv.runner = None
-        mv.predictor = None
+        mv.scheduler = None
         log.info("model %s v%d: unloaded", mv.name, mv.version)
 
     async def unload_model(self, name: str) -> None:
@@ -357,42 +492,46 @@ class Repository:
         Raises:
             ModelNotFound: the model is not in the repository.
         """
+        if name not in self.versions:
+            raise ModelNotFound(f"model {shown(name)} is not in the repository")
         async with self._lock(name):
             entries = self.versions.get(name)
             if entries is None:
-                raise ModelNotFound(f"model {name!r} is not in the repository; it has {self.names()}")
+                raise ModelNotFound(f"model {shown(name)} is not in the repository")
             serving = [mv for mv in entries.values() if mv.ready]
             for mv in serving:
                 self._set_state(mv, UNAVAILABLE, "unloaded (RepositoryModelUnload)")
             await self._retire(name, serving, "RepositoryModelUnload")
             self._seen.pop(name, None)
 
+    def _changes(self) -> tuple[list[str], list[str]]:
+        """(names whose folder changed or is new, names whose folder is gone): one walk, on a worker thread."""
+        dirs = {p.name: p for p in self.model_dirs()}
+        changed = [n for n, p in dirs.items() if self._seen.get(n) != fingerprint(p)]
+        return changed, [n for n in self.versions if n not in dirs]
+
     async def poll_once(self) -> list[str]:
         """Reload the models whose folders changed since the last look; load new ones, unload removed ones.
 
         Returns the names that were (re)loaded or unloaded.
         """
-        changed = []
         try:
-            dirs = {p.name: p for p in self.model_dirs()}
+            changed, removed = await self._in_thread(self._changes)
         except LoadError as exc:
             log.error("polling: %s", exc)
-            return changed
-        for name, path in dirs.items():
-            if self._seen.get(name) != fingerprint(path):
-                log.info("polling: %s changed on disk; reloading", name)
-                try:
-                    await self.load_model(name)
-                except Exception:
-                    log.exception("polling: reloading %s failed", name)
-                changed.append(name)
-        for name in [n for n in self.versions if n not in dirs]:
+            return []
+        for name in changed:
+            log.info("polling: %s changed on disk; reloading", name)
+            try:
+                await self.load_model(name)
+            except Exception:
+                log.exception("polling: reloading %s failed", name)
+        for name in removed:
             log.info("polling: %s was removed from the repository; unloading", name)
             await self.unload_model(name)
             async with self._lock(name):
                 self.versions.pop(name, None)
-            changed.append(name)
-        return changed
+        return changed + removed
 
     # ------------------------------------------------------------------ lookups
     def all(self) -> list[ModelVersion]:
@@ -414,23 +553,23 @@ class Repository:
         """
         entries = self.versions.get(name)
         if entries is None:
-            raise ModelNotFound(f"model {name!r} is not in the repository; it has {self.names()}")
+            raise ModelNotFound(f"model {shown(name)} is not in the repository; it has {self.names()}")
         if version == "":
             ready = self.ready_versions(name)
             if ready:
                 return entries[ready[-1]]
             reasons = "; ".join(f"v{v}: {mv.state} {mv.reason}".strip() for v, mv in sorted(entries.items()))
-            raise ModelUnavailable(f"model {name!r} has no ready version ({reasons})")
+            raise ModelUnavailable(f"model {shown(name)} has no ready version ({reasons})")
         try:
             v = int(version)
         except ValueError:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions are integers, "
+            raise ModelNotFound(f"model {shown(name)} has no version {shown(version)}; versions are integers, "
                                 f"it has {sorted(entries)}") from None
         mv = entries.get(v)
         if mv is None:
-            raise ModelNotFound(f"model {name!r} has no version {version}; it has {sorted(entries)}")
+            raise ModelNotFound(f"model {shown(name)} has no version {shown(version)}; it has {sorted(entries)}")
         if not mv.ready:
-            raise ModelUnavailable(f"model {name!r} version {v} is {mv.state}: {mv.reason}")
+            raise ModelUnavailable(f"model {shown(name)} version {v} is {mv.state}: {mv.reason}")
         return mv
 
     def is_ready(self, name: str, version: str = "") -> bool:

@@ -102,7 +102,8 @@ def create_session(path: str, *, providers: Sequence[str] = ("auto",), intra_op_
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise LoadError(f"{label}: ONNX Runtime cannot load {path}: {exc}") from exc
+        raise LoadError(f"{label}: ONNX Runtime cannot load {path}: {exc}",
+                        "ONNX Runtime cannot load its model file") from exc
     in_use = list(session.get_providers())
     provider = in_use[0] if in_use else CPU
     if wanted[0] in GPU_PROVIDERS and provider not in GPU_PROVIDERS:

@@ -50,7 +50,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from ctredge.serve import codec, metadata
-from ctredge.serve.errors import InvalidInput, LoadRefused, ServeError, ShuttingDown, Unimplemented, grpc_status
+from ctredge.serve.errors import (
+    ControlDisabled, DeadlineExceeded, InvalidInput, LoadRefused, ResourceExhausted, ServeError, ShuttingDown,
+    Unimplemented, grpc_status,
+)
 from ctredge.serve.repository import LoadSettings, Repository
 from ctredge.serve.stats import Metrics
 
@@ -59,6 +62,8 @@ log = logging.getLogger("ctredge.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+DRAIN_QUIET_SECONDS = 0.2
+RPC_HEADROOM = 64  # gRPC's own cap sits above ModelInfer's, which counts what it refuses
 _METHOD_NAMES = frozenset(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name)
 
 
@@ -135,12 +140,74 @@ class ServerOptions:
             raise ServeError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 
 
+class Undecodable:
+    """A request whose bytes are not a valid message of its method (what :func:`_safe_parser` returns)."""
+
+    def __init__(self, method: str, size: int):
+        self.method, self.size = method, size
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(f"the request's {self.size} bytes are not a valid {self.method} message "
+                            f"(protobuf inference.{self.method}Request)")
+
+
+def _safe_parser(cls: Any, method: str) -> Callable[[bytes], Any]:
+    """``cls.FromString`` that returns :class:`Undecodable` instead of raising (gRPC would answer UNKNOWN)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception:  # protobuf's DecodeError and friends: the client's bytes, not our bug
+            return Undecodable(method, len(data))
+
+    return parse
+
+
+def generic_handler(servicer: Any) -> Any:
+    """The ``inference.GRPCInferenceService`` handlers of ``servicer`` with request parsers that never raise."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for m in service.methods:
+        parse = _safe_parser(getattr(pb, m.input_type.name), m.name)
+        ser = getattr(pb, m.output_type.name).SerializeToString
+        fn = getattr(servicer, m.name)
+        if m.client_streaming and m.server_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(fn, request_deserializer=parse,
+                                                                     response_serializer=ser)
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(fn, request_deserializer=parse,
+                                                                   response_serializer=ser)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _allocator_returns_memory() -> None:
+    """Make glibc serve allocations of 256 KiB and more with mmap, so they go back to the OS when freed.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after
+    which big request buffers come from the heap and stay in the process: RSS
+    would only grow under large requests.  A fixed threshold ends that.
+    No-op where glibc is absent.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 256 * 1024)
+        libc.mallopt(m_trim_threshold, 1024 * 1024)
+    except (OSError, AttributeError):
+        log.debug("not glibc: the allocator keeps its defaults")
+
+
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a handler; map any exception to its gRPC status (and log unexpected ones)."""
+    """Run a handler; map any exception to its gRPC status (and log unexpected ones with their traceback)."""
 
     @functools.wraps(method)
     async def handler(self: "InferenceServicer", request: Any, context: Any) -> Any:
+        self.arrivals += 1
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await method(self, request, context)
         except Exception as exc:
             code, message = grpc_status(exc)
@@ -155,23 +222,37 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def _unimplemented(name: str) -> Callable[..., Any]:
     async def handler(self: "InferenceServicer", request: Any, context: Any) -> Any:
-        code, message = grpc_status(Unimplemented(f"{name} is not implemented by this server yet"))
+        code, message = grpc_status(Unimplemented(f"{name} is not implemented by this server"))
         await context.abort(code, message)
 
     handler.__name__ = name
     return handler
 
 
+# requests with more elements than this are decoded and checked on a worker thread, off the event loop
+INLINE_ELEMENTS = 1 << 14
+
+
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over a :class:`Repository`."""
+    """``inference.GRPCInferenceService`` over a :class:`Repository`.
+
+    ``control_mode``: ``explicit`` takes RepositoryModelLoad/Unload, ``none`` and
+    ``poll`` refuse them (FAILED_PRECONDITION).  ``max_in_flight``: ModelInfer
+    calls held at once; beyond, RESOURCE_EXHAUSTED (counted like every answer).
+    """
 
     def __init__(self, repository: Repository, metrics: Metrics | None = None,
-                 on_change: Callable[[], Any] | None = None):
+                 on_change: Callable[[], Any] | None = None, *, control_mode: str = "explicit",
+                 max_in_flight: int = 1 << 30, executor: Any = None):
         self.repo = repository
         self.metrics = metrics
         self.on_change = on_change  # awaited after a load/unload (health update)
+        self.control_mode = control_mode
+        self.max_in_flight = max_in_flight
+        self.executor = executor
         self.accepting = False  # set once loaded; cleared when stopping
         self.in_flight = 0
+        self.arrivals = 0  # calls that reached a handler (a drain waits until they stop coming)
 
     @property
     def ready(self) -> bool:
@@ -208,40 +289,56 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return metadata.repository_index(self.repo, ready_only=request.ready)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        """decode -> prepare -> scheduler -> encode; every outcome is counted (statistics, metrics)."""
+        """check -> decode -> prepare -> scheduler -> check -> encode; every outcome is counted."""
         t0 = time.perf_counter_ns()
         mv = None
+        self.arrivals += 1
         self.in_flight += 1
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down and takes no new requests; retry on another "
                                    "replica" if self.repo.loaded else "the server is still loading its models")
+            if self.in_flight > self.max_in_flight:
+                raise ResourceExhausted(f"the server holds {self.max_in_flight} requests already "
+                                        f"(--max-concurrent-rpcs); retry later")
             mv = self.repo.get(request.model_name, request.model_version)
-            tensors = codec.decode_inputs(request)
-            feeds = mv.signature.prepare(tensors)
-            names = codec.requested_outputs(request, mv.signature.output_names)
+            signature = mv.signature
+            elements = codec.check_request(request, signature, signature.limits)
+            if elements > INLINE_ELEMENTS:
+                feeds = await asyncio.get_running_loop().run_in_executor(self.executor, _decode, request, signature)
+            else:
+                feeds = _decode(request, signature)
+            names = codec.requested_outputs(request, signature.output_names)
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("the request's deadline passed while it was decoded; it was not run")
             t1 = time.perf_counter_ns()
-            outputs, timing = await mv.predictor.predict(feeds, deadline)
+            outputs, timing = await mv.scheduler.predict(feeds, deadline)
             t2 = time.perf_counter_ns()
+            signature.check_outputs(feeds, outputs)
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("the answer came after the request's deadline; the client has gone")
             response = codec.encode_response(request, mv.name, str(mv.version), {n: outputs[n] for n in names})
         except Exception as exc:
             code, message = grpc_status(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.error("ModelInfer failed", exc_info=exc)
-            self._count(request, mv, code.name, time.perf_counter_ns() - t0, None)
+            self._count(mv, code.name, time.perf_counter_ns() - t0, None)
             await context.abort(code, message)
         else:
             t3 = time.perf_counter_ns()
             timing.input_ns += t1 - t0
             timing.output_ns += t3 - t2
-            self._count(request, mv, "OK", t3 - t0, timing)
+            self._count(mv, "OK", t3 - t0, timing)
             return response
         finally:
             self.in_flight -= 1
 
-    def _count(self, request: Any, mv: Any, code: str, total_ns: int, timing: Any) -> None:
+    def _count(self, mv: Any, code: str, total_ns: int, timing: Any) -> None:
+        """Count one ModelInfer answer in the version's statistics and in Prometheus (unknown models: label "")."""
         ok = timing is not None
         if mv is not None and mv.stats is not None:
             if ok:
@@ -249,8 +346,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             else:
                 mv.stats.request(False, total_ns)
         if self.metrics is not None:
-            name = mv.name if mv is not None else request.model_name
-            version = str(mv.version) if mv is not None else (request.model_version or "")
+            name, version = (mv.name, str(mv.version)) if mv is not None else ("", "")
             if ok:
                 self.metrics.request(name, version, code, total_ns / 1e9, timing.queue_ns / 1e9,
                                      (timing.input_ns + timing.infer_ns + timing.output_ns) / 1e9)
@@ -270,25 +366,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             mvs = [mv for mv in self.repo.all() if mv.stats is not None]
         return pb.ModelStatisticsResponse(model_stats=[mv.stats.to_proto() for mv in mvs if mv.stats is not None])
 
+    def _check_control(self, call: str, request: Any) -> None:
+        if self.control_mode != "explicit":
+            raise ControlDisabled(f"{call} is refused: this server's model control mode is {self.control_mode!r} "
+                                  f"(start it with --model-control-mode explicit to load and unload models)")
+        if not request.model_name:
+            raise InvalidInput(f"{call} needs a model_name")
+        if request.parameters:
+            keys = [codec.shown(k) for k in list(request.parameters)[:8]]
+            raise InvalidInput(f"{call} parameters {keys} are not supported: models load only from their "
+                               f"repository folder (no 'config' or 'file:' overrides)")
+
     @_rpc
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         """Re-read ``REPO/<model_name>``: load new and changed versions, then retire the replaced ones."""
-        if not request.model_name:
-            raise InvalidInput("RepositoryModelLoad needs a model_name")
+        self._check_control("RepositoryModelLoad", request)
         problems = await self.repo.load_model(request.model_name)
         if self.on_change is not None:
             await self.on_change()
         if problems:
-            serving = self.repo.ready_versions(request.model_name)
-            raise LoadRefused(f"model {request.model_name!r}: {'; '.join(problems)}; "
+            name = request.model_name
+            serving = self.repo.ready_versions(name)
+            raise LoadRefused(f"model {codec.shown(name)}: {'; '.join(problems)}; "
                               + (f"still serving version(s) {serving}" if serving else "no version is serving"))
         return pb.RepositoryModelLoadResponse()
 
     @_rpc
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         """Stop serving every version of ``model_name``; requests already accepted finish."""
-        if not request.model_name:
-            raise InvalidInput("RepositoryModelUnload needs a model_name")
+        self._check_control("RepositoryModelUnload", request)
         await self.repo.unload_model(request.model_name)
         if self.on_change is not None:
             await self.on_change()
@@ -304,8 +410,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unimplemented("LogSettings")
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
-        code, message = grpc_status(Unimplemented("ModelStreamInfer is not implemented by this server yet"))
+        code, message = grpc_status(Unimplemented("ModelStreamInfer is not implemented by this server"))
         await context.abort(code, message)
+
+
+def _decode(request: Any, signature: Any) -> dict[str, Any]:
+    """The model feeds of a checked request: decode the tensors, then the signature's prepare."""
+    return signature.prepare(codec.decode_inputs(request, signature.value_limit))
 
 
 class InferenceServer:
@@ -321,7 +432,9 @@ class InferenceServer:
                                 providers=self.options.providers)
         self.repository = Repository(repository, settings=settings, executor=self.executor, metrics=self.metrics,
                                      drain_seconds=max(self.options.grace_seconds, 1.0))
-        self.servicer = InferenceServicer(self.repository, self.metrics, on_change=self._update_health)
+        self.servicer = InferenceServicer(self.repository, self.metrics, on_change=self._update_health,
+                                          control_mode=self.options.model_control_mode,
+                                          max_in_flight=self.options.max_concurrent_rpcs, executor=self.executor)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: Any = None
@@ -343,6 +456,7 @@ class InferenceServer:
 
         from ctredge.serve import security
 
+        _allocator_returns_memory()
         o = self.options
         credentials = security.server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
         interceptors = security.interceptors(o.infer_token_file, o.admin_token_file, tls=credentials is not None,
@@ -351,8 +465,8 @@ class InferenceServer:
             ("grpc.max_receive_message_length", o.max_message_bytes),
             ("grpc.max_send_message_length", o.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ], maximum_concurrent_rpcs=o.max_concurrent_rpcs)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._server)
+        ], maximum_concurrent_rpcs=o.max_concurrent_rpcs + RPC_HEADROOM)
+        self._server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         self._health = health.aio.HealthServicer()
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -432,7 +546,16 @@ class InferenceServer:
         pending = self.servicer.in_flight
         if pending:
             log.info("draining: %d request(s) in flight (grace %.1fs)", pending, grace)
-        while self.servicer.in_flight and time.monotonic() < end:
+        # Keep the port open until nothing is in flight and no call has arrived for DRAIN_QUIET_SECONDS: calls
+        # that gRPC received but had not handed over yet then get an answer (UNAVAILABLE for new ones) instead
+        # of being cancelled by the stop.
+        seen, quiet_since = self.servicer.arrivals, time.monotonic()
+        while time.monotonic() < end:
+            now = time.monotonic()
+            if self.servicer.arrivals != seen:
+                seen, quiet_since = self.servicer.arrivals, now
+            if not self.servicer.in_flight and now - quiet_since >= DRAIN_QUIET_SECONDS:
+                break
             await asyncio.sleep(0.005)
         if self.servicer.in_flight:
             log.warning("grace period over with %d request(s) still in flight; they are cancelled",

@@ -44,6 +44,8 @@ sent once.  The answer equals the same rows sent expanded.
 
 from __future__ import annotations
 
+import collections
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -52,11 +54,11 @@ import numpy as np
 from ctredge.features import (
     INPUT_CAT, INPUT_CAT_RAW, INPUT_DENSE, INPUT_HIST, OUTPUT_CTR, SIDES, FeatureSpec, hash_values,
 )
-from ctredge.serve.codec import datatype_of, ort_datatype
+from ctredge.serve.codec import datatype_of, ort_datatype, shown
 from ctredge.serve.errors import InvalidInput, LoadError
+from ctredge.serving_config import RequestLimits
 
 INPUT_HIST_RAW = "hist_raw"
-MAX_RAW_VALUE_BYTES = 1024  # one raw categorical value or history item id; longer ones are refused
 KIND_DTYPE = {"dense": "FP32", "cat": "INT64", "cat_raw": "BYTES"}
 
 
@@ -93,18 +95,42 @@ def check_tensor(info: TensorInfo, arr: np.ndarray, *, alt_shapes: Sequence[tupl
 def _check_names(tensors: Mapping[str, Any], accepted: Sequence[str]) -> None:
     unknown = [n for n in tensors if n not in accepted]
     if unknown:
-        raise InvalidInput(f"unknown input(s) {unknown}; this model accepts {list(accepted)}")
+        raise InvalidInput(f"unknown input(s) {[shown(n) for n in unknown[:8]]}; this model accepts {list(accepted)}")
+
+
+class _Header:
+    """``check_header``: the checks of a request tensor that need only its name, datatype and shape."""
+
+    _by_name: dict[str, TensorInfo]
+    _alt_ranks: dict[str, tuple[int, ...]] = {}
+
+    def check_header(self, name: str, datatype: str, shape: Sequence[int]) -> None:
+        """Raise :class:`InvalidInput` unless ``name`` is an input of this model with this datatype and rank.
+
+        Runs before the tensor is decoded, so an unknown or misshapen input costs nothing.
+        """
+        info = self._by_name.get(name)
+        if info is None:
+            raise InvalidInput(f"unknown input(s) [{shown(name)}]; this model accepts {list(self._by_name)}")
+        if datatype != info.datatype:
+            got = datatype if len(datatype) <= 16 and datatype.isalnum() else shown(datatype)
+            raise InvalidInput(f"input {name!r}: got datatype {got}, expected {info.datatype}")
+        ranks = (len(info.shape),) + self._alt_ranks.get(name, ())
+        if len(shape) not in ranks:
+            dims = _fmt(shape) if len(shape) <= 8 else f"of {len(shape)} dimensions"
+            raise InvalidInput(f"input {name!r}: got unexpected shape {dims}, expected {_fmt(info.shape)}")
 
 
 # =========================================================================== plain ONNX models
-class PlainSignature:
+class PlainSignature(_Header):
     """A model without ctredge metadata: its own inputs and outputs.
 
     ``batched`` is true when every input and output has a dynamic first
     dimension; then that dimension is the batch and ``max_batch_size`` caps it.
     """
 
-    def __init__(self, session: Any, max_batch_size: int):
+    def __init__(self, session: Any, max_batch_size: int, limits: RequestLimits | None = None):
+        self.limits = limits or RequestLimits()
         try:
             self.inputs = [TensorInfo(i.name, ort_datatype(i.type), _dims(i.shape)) for i in session.get_inputs()]
             self.outputs = [TensorInfo(o.name, ort_datatype(o.type), _dims(o.shape)) for o in session.get_outputs()]
@@ -118,6 +144,13 @@ class PlainSignature:
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
+
+    def value_limit(self, name: str) -> int:
+        """The longest BYTES element input ``name`` may carry."""
+        return self.limits.max_bytes_payload
+
+    def check_outputs(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        """Plain ONNX semantics: outputs are returned as the graph computes them."""
 
     def prepare(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check names, dtypes and shapes; returns the feeds (BYTES as ``str`` objects).
@@ -173,14 +206,17 @@ def _to_str(name: str, arr: np.ndarray) -> np.ndarray:
 
 
 # =========================================================================== ctredge models
-class CtrSignature:
+class CtrSignature(_Header):
     """A ctredge model: the FeatureSpec contract plus raw, per-side and ranking forms (module doc)."""
 
-    def __init__(self, spec: FeatureSpec, max_batch_size: int):
+    _alt_ranks = {INPUT_HIST_RAW: (1,)}
+
+    def __init__(self, spec: FeatureSpec, max_batch_size: int, limits: RequestLimits | None = None):
         self.spec = spec
         self.max_batch_size = max_batch_size
         self.batched = True
-        self.memo = HashMemo()
+        self.limits = limits or RequestLimits()
+        self.memo = HashMemo(self.limits.hash_memo_bytes, self.limits.max_raw_value_bytes)
         hist_side = spec.history.side if spec.history is not None else "user"
         inputs: list[TensorInfo] = []
         self._side_of: dict[str, str | None] = {}  # input -> side (None: full, mixed sides)
@@ -228,6 +264,35 @@ class CtrSignature:
     @property
     def output_names(self) -> list[str]:
         return [OUTPUT_CTR]
+
+    def value_limit(self, name: str) -> int:
+        """The longest BYTES element input ``name`` may carry: a raw history, or one raw value."""
+        return self.limits.max_history_bytes if name == INPUT_HIST_RAW else self.limits.max_raw_value_bytes
+
+    def check_outputs(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        """Refuse an answer that is not a probability (NaN/Inf): no OK answer carries a NaN.
+
+        Finite inputs can still overflow a variant's arithmetic (fp16 holds
+        |x| <= 65504), so the message names the row and its largest dense value.
+
+        Raises:
+            InvalidInput: naming the first such row.
+        """
+        ctr = outputs.get(OUTPUT_CTR)
+        if ctr is None:
+            return
+        bad = ~np.isfinite(ctr.reshape(ctr.shape[0], -1)).all(axis=1)
+        if not bad.any():
+            return
+        r = int(np.argmax(bad))
+        hint = ""
+        dense = feeds.get(INPUT_DENSE)
+        if dense is not None and dense.shape[1]:
+            row = np.nan_to_num(np.abs(dense[r]), nan=0.0)
+            j = int(np.argmax(row))
+            hint = (f"; its largest dense value is feature {self.spec.dense[j].name!r} = {float(dense[r, j]):g}, "
+                    f"beyond what this model's arithmetic holds")
+        raise InvalidInput(f"row {r}: the model's answer is not finite ({int(bad.sum())} row(s) in all){hint}")
 
     # ------------------------------------------------------------------ checks
     def _forms(self, tensors: Mapping[str, np.ndarray], kind: str) -> list[str]:
@@ -328,6 +393,12 @@ class CtrSignature:
     def _block(self, name: str, arr: np.ndarray, cols: list[int]) -> np.ndarray:
         """Columns ``cols`` of dense/cat as model dtypes: hashed if raw, range-checked if ids."""
         if self._by_name[name].datatype == "FP32":
+            inf = np.isinf(arr)
+            if inf.any():
+                r, k = (int(v) for v in np.argwhere(inf)[0])
+                raise InvalidInput(f"input {name!r}: row {r}, feature {self.spec.dense[cols[k]].name!r}: "
+                                   f"{float(arr[r, k])} is not a number this model takes; send a finite value, "
+                                   f"or NaN for missing")
             return np.ascontiguousarray(arr)
         if self._by_name[name].datatype == "BYTES":
             out = np.empty(arr.shape, dtype=np.int64)
@@ -354,10 +425,15 @@ class CtrSignature:
                                    f"{self.spec.history.item_feature!r})")  # type: ignore[union-attr]
             return np.ascontiguousarray(arr)
         lists = []
+        cap, whole = self.limits.max_raw_value_bytes, self.limits.max_history_bytes
         for i, v in enumerate(arr.reshape(-1).tolist()):
-            tokens = _last_tokens(bytes(v), self.spec.hist_len)
-            if tokens and max(map(len, tokens)) > MAX_RAW_VALUE_BYTES:
-                raise InvalidInput(f"input 'hist_raw': row {i} has an item id longer than {MAX_RAW_VALUE_BYTES} "
+            v = bytes(v)
+            if len(v) > whole:
+                raise InvalidInput(f"input 'hist_raw': row {i} has {len(v)} bytes, expected at most {whole} "
+                                   f"(limits.max_history_bytes)")
+            tokens = _last_tokens(v, self.spec.hist_len)
+            if tokens and max(map(len, tokens)) > cap:
+                raise InvalidInput(f"input 'hist_raw': row {i} has an item id longer than {cap} "
                                    f"bytes ({max(map(len, tokens))})")
             lists.append(tokens)
         return self._hist_ids(lists)
@@ -396,41 +472,62 @@ def _rows_to(arr: np.ndarray, batch: int) -> np.ndarray:
 
 
 class HashMemo:
-    """Memoised :func:`ctredge.features.hash_values`: raw value -> bucket id, per feature.
+    """Memoised :func:`ctredge.features.hash_values`: raw value -> bucket id, per feature, bounded in bytes.
 
     Raw categorical values repeat (users, devices, shops), and the hub's hash
-    costs ~100 us per call whatever the batch (it loops over byte positions), so
-    a batch-1 request with 11 raw columns spent ~1 ms hashing.  Misses are hashed
-    by the hub's function in one call per column, so ids are exactly training's.
-    Each feature's table is cleared when it reaches ``max_entries``.  Not
-    thread-safe: the server calls it from the event-loop thread only.
+    has a fixed cost per call whatever the batch, so hashing every value of a
+    small request anew would dominate it.  Misses are hashed by the hub's
+    function in one call per column, so ids are exactly training's.  The memo
+    holds at most ``max_bytes`` (values plus a per-entry overhead) and forgets
+    the least recently used values first, so clients sending ever new values
+    cannot grow it.  Thread-safe (one lock).
     """
 
-    def __init__(self, max_entries: int = 1 << 16):
-        self.max_entries = max_entries
-        self.tables: dict[str, dict[bytes, int]] = {}
+    ENTRY_OVERHEAD = 160  # bytes of dict/OrderedDict bookkeeping per entry, roughly
+
+    def __init__(self, max_bytes: int = 16 << 20, max_value_bytes: int = 1024):
+        self.max_bytes = max_bytes
+        self.max_value_bytes = max_value_bytes
+        self.table: collections.OrderedDict[tuple[str, bytes], int] = collections.OrderedDict()
+        self.bytes = 0
+        self._lock = threading.Lock()
 
     def ids(self, name: str, col: np.ndarray | list[bytes], feat: Any) -> np.ndarray:
         """Bucket ids of BYTES values (one column of input ``name``) for categorical feature ``feat``.
 
-        Raises :class:`InvalidInput` for a value over ``MAX_RAW_VALUE_BYTES``.
+        Raises :class:`InvalidInput` for a value over ``max_value_bytes``.
         """
-        table = self.tables.setdefault(feat.name, {})
+        with self._lock:
+            return self._ids(name, col, feat)
+
+    def _ids(self, name: str, col: np.ndarray | list[bytes], feat: Any) -> np.ndarray:
+        table, key = self.table, feat.name
         values = col.tolist() if isinstance(col, np.ndarray) else list(col)
-        get = table.get
-        ids = [get(v, -1) for v in values]
-        if -1 in ids:
-            misses = list(dict.fromkeys(v for v, i in zip(values, ids) if i < 0))
-            if max(map(len, misses)) > MAX_RAW_VALUE_BYTES:
-                row = next(k for k, v in enumerate(values) if len(v) > MAX_RAW_VALUE_BYTES)
+        ids = []
+        misses: dict[bytes, None] = {}
+        for v in values:
+            i = table.get((key, v), -1)
+            if i >= 0:
+                table.move_to_end((key, v))
+            else:
+                misses[v] = None
+            ids.append(i)
+        if misses:
+            fresh_values = list(misses)
+            longest = max(map(len, fresh_values))
+            if longest > self.max_value_bytes:
+                row = next(k for k, v in enumerate(values) if len(v) > self.max_value_bytes)
                 raise InvalidInput(f"input {name!r}: row {row}, feature {feat.name!r}: raw value of "
-                                   f"{len(values[row])} bytes, expected at most {MAX_RAW_VALUE_BYTES}")
-            hashed = hash_values(_bytes_column(name, np.array(misses, dtype=object), feat.name),
+                                   f"{len(values[row])} bytes, expected at most {self.max_value_bytes}")
+            hashed = hash_values(_bytes_column(name, np.array(fresh_values, dtype=object), feat.name),
                                  feat.name, feat.buckets).tolist()
-            if len(table) + len(misses) > self.max_entries:
-                table.clear()
-            fresh = dict(zip(misses, hashed))
-            table.update(fresh)
+            fresh = dict(zip(fresh_values, hashed))
+            for v, h in fresh.items():
+                table[(key, v)] = h
+                self.bytes += len(v) + len(key) + self.ENTRY_OVERHEAD
+            while self.bytes > self.max_bytes and table:
+                (k, v), _ = table.popitem(last=False)
+                self.bytes -= len(v) + len(k) + self.ENTRY_OVERHEAD
             ids = [i if i >= 0 else fresh[v] for v, i in zip(values, ids)]
         return np.array(ids, dtype=np.int64)
 
@@ -438,16 +535,12 @@ class HashMemo:
 def _bytes_column(name: str, col: np.ndarray, feature: str) -> np.ndarray:
     """BYTES values as a numpy ``S`` array (trailing NULs do not change the hash).
 
-    Raises :class:`InvalidInput` for a value over ``MAX_RAW_VALUE_BYTES`` (the hash
-    loops over byte positions: a long value costs time and memory).
+    Raises :class:`InvalidInput` for values that cannot be read as bytes.
     """
     try:
         out = col.astype("S") if col.size else np.zeros(0, dtype="S1")
     except (UnicodeEncodeError, TypeError, ValueError) as exc:
-        raise InvalidInput(f"input {name!r}: BYTES values could not be read: {exc}") from exc
-    if out.dtype.itemsize > MAX_RAW_VALUE_BYTES:
-        raise InvalidInput(f"input {name!r}, feature {feature!r}: a raw value of {out.dtype.itemsize} bytes, "
-                           f"expected at most {MAX_RAW_VALUE_BYTES}")
+        raise InvalidInput(f"input {name!r}: BYTES values could not be read: {type(exc).__name__}") from exc
     return out
 
 

@@ -13,7 +13,8 @@ from servekit import contract_feeds, raw_values, small_spec
 from ctredge.features import hash_values
 from ctredge.serve.client import ranking_inputs
 from ctredge.serve.errors import InvalidInput
-from ctredge.serve.signature import MAX_RAW_VALUE_BYTES, CtrSignature, _last_tokens
+from ctredge.serve.signature import CtrSignature, HashMemo, _last_tokens
+from ctredge.serving_config import RequestLimits
 
 
 @pytest.fixture(scope="module")
@@ -148,21 +149,24 @@ def test_last_tokens_match_the_readers_split(parts, count):
 def test_long_raw_values_are_refused(sig):
     f = contract_feeds(sig.spec, 2)
     raw = raw_values(sig.spec, 2)
-    raw[1, 3] = b"x" * (MAX_RAW_VALUE_BYTES + 1)
+    raw[1, 3] = b"x" * (RequestLimits().max_raw_value_bytes + 1)
     with pytest.raises(InvalidInput, match="row 1, feature 'item_id': raw value of 1025 bytes, expected at most 1024"):
         sig.prepare({"dense": f["dense"], "cat_raw": raw, "hist": f["hist"]})
     hist_raw = np.array([b"a," + b"y" * 2000, b"b"], dtype=object)
     with pytest.raises(InvalidInput, match="row 0 has an item id longer than 1024 bytes"):
         sig.prepare({"dense": f["dense"], "cat": f["cat"], "hist_raw": hist_raw})
-    # a long history is cut to the last max_len ids without splitting it all
-    long = np.array([b",".join(b"i%d" % k for k in range(100_000))] * 2, dtype=object)
+    # a history is cut to the last max_len ids; one longer than limits.max_history_bytes is refused
+    long = np.array([b",".join(b"i%d" % k for k in range(2_000))] * 2, dtype=object)
     out = sig.prepare({"dense": f["dense"], "cat": f["cat"], "hist_raw": long})
-    np.testing.assert_array_equal(out["hist"][0], sig.spec.hash_history([[b"i%d" % k for k in range(99_995, 100_000)]])[0])
+    np.testing.assert_array_equal(out["hist"][0], sig.spec.hash_history([[b"i%d" % k for k in range(1_995, 2_000)]])[0])
+    huge = np.array([b"," * (RequestLimits().max_history_bytes + 1), b"b"], dtype=object)
+    with pytest.raises(InvalidInput, match=r"row 0 has 16385 bytes, expected at most 16384 \(limits.max_history_bytes\)"):
+        sig.prepare({"dense": f["dense"], "cat": f["cat"], "hist_raw": huge})
 
 
 def test_hash_memo_is_exactly_the_hub_hash(sig):
     spec = sig.spec
-    memo = sig.memo.__class__(max_entries=8)  # tiny: tables get cleared along the way
+    memo = HashMemo(max_bytes=8 * (HashMemo.ENTRY_OVERHEAD + 12))  # tiny: old values are forgotten along the way
     rng = np.random.default_rng(5)
     for _ in range(20):
         raw = np.array([[b"v%d" % rng.integers(0, 12) if rng.random() > 0.1 else b"" for _ in spec.cat]
@@ -171,7 +175,7 @@ def test_hash_memo_is_exactly_the_hub_hash(sig):
         want = spec.hash_cat(raw)
         for j, feat in enumerate(spec.cat):
             np.testing.assert_array_equal(memo.ids("cat_raw", raw[:, j], feat), want[:, j])
-        assert all(len(t) <= 8 for t in memo.tables.values())
+        assert memo.bytes <= memo.max_bytes and len(memo.table) <= 8
 
 
 @given(st.lists(st.lists(st.sampled_from([b"a", b"bb", b"c\x00", b"d" * 9]), max_size=8), min_size=1, max_size=6))
@@ -180,3 +184,24 @@ def test_hist_memo_is_exactly_hash_history(lists):
     want = sig.spec.hash_history(lists)
     np.testing.assert_array_equal(sig._hist_ids([r[-5:] for r in lists]), want)
     np.testing.assert_array_equal(sig._hist_ids([r[-5:] for r in lists]), want)  # warm memo
+
+
+def test_hash_memo_forgets_the_least_recently_used_values_first():
+    feat = small_spec().cat[0]
+    memo = HashMemo(max_bytes=3 * (HashMemo.ENTRY_OVERHEAD + len(feat.name) + 2))
+    for v in (b"v1", b"v2", b"v3"):
+        memo.ids("cat_raw", [v], feat)
+    memo.ids("cat_raw", [b"v1"], feat)  # v1 used again: v2 is now the oldest
+    memo.ids("cat_raw", [b"v4"], feat)
+    assert [v for _, v in memo.table] == [b"v3", b"v1", b"v4"]
+    assert memo.bytes <= memo.max_bytes
+
+
+def test_infinite_dense_values_are_refused_naming_the_feature(sig):
+    f = contract_feeds(sig.spec, 3)
+    dense = f["dense"].copy()
+    dense[2, 1] = np.inf
+    with pytest.raises(InvalidInput, match=r"row 2, feature 'user_orders': inf is not a number this model takes"):
+        sig.prepare({**f, "dense": dense})
+    dense[2, 1] = np.nan  # NaN means missing
+    sig.prepare({**f, "dense": dense})
