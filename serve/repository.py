@@ -567,7 +567,7 @@ class Repository:
                                 f"it has {sorted(entries)}") from None
         mv = entries.get(v)
         if mv is None:
-            raise ModelNotFound(f"model {shown(name)} has no version {shown(version)}; it has {sorted(entries)}")
+            raise ModelNotFound(f"model {shown(name)} has no version {v}; it has {sorted(entries)}")
         if not mv.ready:
             raise ModelUnavailable(f"model {shown(name)} version {v} is {mv.state}: {mv.reason}")
         return mv
