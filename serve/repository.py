@@ -286,8 +286,12 @@ class Repository:
         if not self.root.is_dir():
             raise LoadError(f"model repository {self.root} is not a folder")
         out = []
+        root = self.root.resolve()
         for p in sorted(self.root.iterdir()):
             if p.is_dir() and is_model_name(p.name):
+                if p.resolve().parent != root:
+                    log.error("repository: folder %r resolves outside the repository; skipped", p.name)
+                    continue
                 out.append(p)
             elif p.is_dir() and not p.name.startswith("."):
                 log.warning("repository: folder %r skipped: a model name has only letters, digits and _ . -",

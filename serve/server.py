@@ -300,10 +300,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down and takes no new requests; retry on another "
                                    "replica" if self.repo.loaded else "the server is still loading its models")
+            mv = self.repo.get(request.model_name, request.model_version)
             if self.in_flight > self.max_in_flight:
                 raise ResourceExhausted(f"the server holds {self.max_in_flight} requests already "
                                         f"(--max-concurrent-rpcs); retry later")
-            mv = self.repo.get(request.model_name, request.model_version)
             signature = mv.signature
             elements = codec.check_request(request, signature, signature.limits)
             if elements > INLINE_ELEMENTS:

@@ -71,6 +71,50 @@ def test_malformed_requests_always_get_a_status(stub, r):
         assert exc.details()
 
 
+@pytest.fixture(scope="module")
+def raw_call(server):
+    with grpc.insecure_channel(server.url) as channel:
+        yield channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=300), request.map(lambda r: _build(r).SerializeToString()).flatmap(
+    lambda b: st.tuples(st.just(b), st.integers(0, max(0, len(b) - 1)), st.binary(min_size=1, max_size=4)).map(
+        lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + len(t[2]):]))))
+def test_arbitrary_bytes_always_get_a_status(raw_call, stub, data):
+    """Random bytes and well-formed requests with a few bytes flipped: never INTERNAL/UNKNOWN, and still live."""
+    try:
+        raw_call(data, timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() in EXPECTED, (exc.code(), exc.details())
+    assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+
+
+hostile_dims = st.lists(st.sampled_from([0, 1, 2, 5, 2**31, 2**62, 2**63 - 1]), min_size=0, max_size=12)
+hostile_floats = st.sampled_from([0.0, 1.0, -1.0, 1e30, -1e38, 3.4e38, float("inf"), float("-inf"), float("nan")])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dims=st.dictionaries(st.sampled_from(["dense", "cat", "hist", "cat_raw", "hist_raw"]), hostile_dims),
+       values=st.lists(hostile_floats, min_size=4, max_size=4), ids=st.lists(
+           st.sampled_from([0, 1, -1, 999, 10**6, 2**63 - 1, -2**63]), min_size=5, max_size=5))
+def test_well_formed_requests_with_hostile_values(stub, spec, dims, values, ids):
+    """Hostile shapes, ids and floats in otherwise valid requests: a status from the list, or a finite answer."""
+    f = contract_feeds(spec, 1)
+    f["dense"] = np.array([values], dtype=np.float32)
+    f["cat"] = np.array([ids], dtype=np.int64)
+    req = build_request("ctr", f)
+    for t in req.inputs:
+        if t.name in dims:
+            del t.shape[:]
+            t.shape.extend(dims[t.name])
+    try:
+        out = decode_response(stub.ModelInfer(req, timeout=10))["ctr"]
+        assert np.isfinite(out).all()
+    except grpc.RpcError as exc:
+        assert exc.code() in EXPECTED, (exc.code(), exc.details())
+
+
 def test_still_serving_after_the_fuzzing(stub, spec, ort_session):
     feeds = contract_feeds(spec, 3, seed=11)
     got = decode_response(stub.ModelInfer(build_request("ctr", feeds)))["ctr"]

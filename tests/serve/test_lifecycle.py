@@ -57,3 +57,45 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_with_many_calls_in_flight_cancels_none(tmp_path):
+    """Calls sent before SIGTERM are answered OK; calls sent during the drain get UNAVAILABLE; none is CANCELLED."""
+    spec = small_spec()
+    save(mlp_model(spec, hidden=(256, 256)), tmp_path / "slow" / "1" / "model.onnx")
+    (tmp_path / "slow" / "config.json").write_text(json.dumps({"instances": 1, "inline_max_rows": 0}))
+    proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(tmp_path),
+                             "--port", "0", "--grace-seconds", "20"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert " on " in line, proc.stderr.read()
+        url = line.rsplit(" on ", 1)[1].strip()
+        channels = [grpc.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+        stubs = [service_pb2_grpc.GRPCInferenceServiceStub(ch) for ch in channels]
+        request = build_request("slow", contract_feeds(spec, 256))
+        stubs[0].ModelInfer(request, timeout=20)  # warm
+        before = [stubs[k % 4].ModelInfer.future(request, timeout=60) for k in range(48)]
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        during = []
+        for k in range(16):
+            during.append(stubs[k % 4].ModelInfer.future(request, timeout=60))
+            time.sleep(0.01)
+
+        def code(f):
+            try:
+                f.result()
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        assert [code(f) for f in before] == [grpc.StatusCode.OK] * 48
+        assert {code(f) for f in during} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        for ch in channels:
+            ch.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
