@@ -63,7 +63,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 DRAIN_QUIET_SECONDS = 0.2
-RPC_HEADROOM = 64  # gRPC's own cap sits above ModelInfer's, which counts what it refuses
+# gRPC core cancels calls beyond its pending-call limit (default 1000) before any handler sees them; raised so
+# that every call reaches ModelInfer, whose own cap (max_concurrent_rpcs) answers RESOURCE_EXHAUSTED, counted
+MAX_PENDING_CALLS = 1 << 16
 _METHOD_NAMES = frozenset(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name)
 
 
@@ -465,7 +467,9 @@ class InferenceServer:
             ("grpc.max_receive_message_length", o.max_message_bytes),
             ("grpc.max_send_message_length", o.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ], maximum_concurrent_rpcs=o.max_concurrent_rpcs + RPC_HEADROOM)
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+        ])
         self._server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         self._health = health.aio.HealthServicer()
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
