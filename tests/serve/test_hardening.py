@@ -359,3 +359,36 @@ def test_traffic_keeps_flowing_while_hostile_requests_are_refused(guarded):
         assert stub.ModelInfer(good, timeout=10).model_name == "ctr"
     t.join()
     assert errors == []
+
+
+def test_a_flood_of_calls_is_answered_never_cancelled(guarded):
+    """More calls at once than gRPC core keeps pending by default (1000): each gets an answer, and is counted."""
+    import asyncio
+    import collections
+
+    s, stub, spec = guarded
+    request = build_request("ctr", contract_feeds(spec, 1))
+    before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="ctr")).model_stats[0].inference_stats
+
+    async def flood() -> collections.Counter:
+        channels = [grpc.aio.insecure_channel(s.url) for _ in range(2)]
+        stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
+
+        async def one(k: int) -> str:
+            try:
+                await stubs[k % 2].ModelInfer(request, timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+
+        try:
+            return collections.Counter(await asyncio.gather(*[one(k) for k in range(1500)]))
+        finally:
+            for c in channels:
+                await c.close()
+
+    codes = asyncio.run(flood())
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="ctr")).model_stats[0].inference_stats
+    assert after.success.count - before.success.count == codes["OK"]
+    assert after.fail.count - before.fail.count == codes["RESOURCE_EXHAUSTED"]
