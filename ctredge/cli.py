@@ -269,7 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             grace_seconds=args.grace_seconds, model_control_mode=args.model_control_mode,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                             infer_token_file=args.infer_token_file, admin_token_file=args.admin_token_file,
-                            metrics_host=args.metrics_host, max_concurrent_rpcs=args.max_concurrent_rpcs)
+                            metrics_host=args.metrics_host, max_concurrent_rpcs=args.max_concurrent_rpcs,
+                            max_inflight_bytes=args.max_inflight_mb * 1024 * 1024)
 
     def ready(port: int, metrics_port: int | None = None) -> None:
         if metrics_port is not None:
@@ -425,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-token-file",
                     help="bearer tokens (one per line) for model control, repository index and statistics")
     sv.add_argument("--max-concurrent-rpcs", type=int, default=2048,
-                    help="calls held at once; beyond, RESOURCE_EXHAUSTED (default 2048)")
+                    help="inference calls held at once; beyond, RESOURCE_EXHAUSTED (default 2048)")
+    sv.add_argument("--max-inflight-mb", type=int, default=512,
+                    help="tensor bytes of the inference calls held at once; beyond, RESOURCE_EXHAUSTED (default 512)")
     sv.add_argument("--grace-seconds", type=float, default=5.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     sv.set_defaults(func=cmd_serve)

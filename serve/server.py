@@ -90,7 +90,8 @@ class ServerOptions:
     ``none``.  ``tls_cert``/``tls_key``/``tls_client_ca`` and
     ``infer_token_file``/``admin_token_file``: :mod:`.security`.  ``metrics_host``:
     the address of the metrics endpoint (None: ``host``).  ``max_concurrent_rpcs``:
-    calls the server holds at once; beyond, RESOURCE_EXHAUSTED.
+    ModelInfer calls held at once, ``max_inflight_bytes``: their raw tensor bytes
+    together; beyond either, RESOURCE_EXHAUSTED.
     """
 
     host: str = "127.0.0.1"
@@ -112,6 +113,7 @@ class ServerOptions:
     admin_token_file: str | None = None
     metrics_host: str | None = None
     max_concurrent_rpcs: int = 2048
+    max_inflight_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         mode = self.model_control_mode
@@ -126,6 +128,9 @@ class ServerOptions:
             object.__setattr__(self, "poll_seconds", 5.0)
         if self.max_concurrent_rpcs < 1:
             raise ServeError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        if self.max_inflight_bytes < self.max_message_bytes:
+            raise ServeError(f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_message_bytes "
+                             f"({self.max_message_bytes})")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ServeError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         if self.poll_seconds is not None and self.poll_seconds <= 0:
@@ -245,12 +250,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, repository: Repository, metrics: Metrics | None = None,
                  on_change: Callable[[], Any] | None = None, *, control_mode: str = "explicit",
-                 max_in_flight: int = 1 << 30, executor: Any = None):
+                 max_in_flight: int = 1 << 30, max_inflight_bytes: int = 1 << 62, executor: Any = None):
         self.repo = repository
         self.metrics = metrics
         self.on_change = on_change  # awaited after a load/unload (health update)
         self.control_mode = control_mode
         self.max_in_flight = max_in_flight
+        self.max_inflight_bytes = max_inflight_bytes
+        self.inflight_bytes = 0
         self.executor = executor
         self.accepting = False  # set once loaded; cleared when stopping
         self.in_flight = 0
@@ -296,9 +303,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         mv = None
         self.arrivals += 1
         self.in_flight += 1
+        size = 0
         try:
             if isinstance(request, Undecodable):
                 raise request.error()
+            size = sum(map(len, request.raw_input_contents))
+            self.inflight_bytes += size
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down and takes no new requests; retry on another "
                                    "replica" if self.repo.loaded else "the server is still loading its models")
@@ -306,6 +316,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if self.in_flight > self.max_in_flight:
                 raise ResourceExhausted(f"the server holds {self.max_in_flight} requests already "
                                         f"(--max-concurrent-rpcs); retry later")
+            if self.inflight_bytes > self.max_inflight_bytes:
+                raise ResourceExhausted(f"the requests in flight hold {self.inflight_bytes - size} bytes already "
+                                        f"(--max-inflight-mb {self.max_inflight_bytes >> 20}); retry later")
             signature = mv.signature
             elements = codec.check_request(request, signature, signature.limits)
             if elements > INLINE_ELEMENTS:
@@ -338,6 +351,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return response
         finally:
             self.in_flight -= 1
+            self.inflight_bytes -= size
 
     def _count(self, mv: Any, code: str, total_ns: int, timing: Any) -> None:
         """Count one ModelInfer answer in the version's statistics and in Prometheus (unknown models: label "")."""
@@ -436,7 +450,8 @@ class InferenceServer:
                                      drain_seconds=max(self.options.grace_seconds, 1.0))
         self.servicer = InferenceServicer(self.repository, self.metrics, on_change=self._update_health,
                                           control_mode=self.options.model_control_mode,
-                                          max_in_flight=self.options.max_concurrent_rpcs, executor=self.executor)
+                                          max_in_flight=self.options.max_concurrent_rpcs,
+                                          max_inflight_bytes=self.options.max_inflight_bytes, executor=self.executor)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: Any = None

@@ -392,3 +392,22 @@ def test_a_flood_of_calls_is_answered_never_cancelled(guarded):
     after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="ctr")).model_stats[0].inference_stats
     assert after.success.count - before.success.count == codes["OK"]
     assert after.fail.count - before.fail.count == codes["RESOURCE_EXHAUSTED"]
+
+
+def test_bytes_in_flight_are_bounded(slow_repo):
+    root, spec = slow_repo
+    request = build_request("slow", contract_feeds(spec, 512))  # ~60 KB of tensors
+    with ServerThread(root, port=0, max_message_bytes=1 << 16, max_inflight_bytes=1 << 17) as s, \
+            grpc.insecure_channel(s.url) as ch:
+        stub = _stub(ch)
+        futures = [stub.ModelInfer.future(request, timeout=30) for _ in range(12)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+                assert "--max-inflight-mb" in exc.details()
+        assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert s.server.servicer.inflight_bytes == 0
