@@ -39,7 +39,7 @@ from ctredge.serve.errors import GpuRequired, InvalidInput, LoadError, ServeErro
 
 log = logging.getLogger("ctredge.serve")
 
-from ctredge.onnxrt import CPU, CUDA, GPU_PROVIDERS, PROVIDER_ALIASES, TENSORRT, ort_session_options  # noqa: F401
+from ctredge.onnxrt import CPU, CUDA, GPU_PROVIDERS, PROVIDER_ALIASES, ort_session_options
 
 
 def available_providers() -> list[str]:
