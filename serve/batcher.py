@@ -44,12 +44,13 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
+from concurrent.futures import Executor
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ctredge.serve.errors import DeadlineExceeded, ModelUnavailable, ResourceExhausted
-from ctredge.serve.runtime import RunRecord, Runner
+from ctredge.serve.runtime import Runner
 
 log = logging.getLogger("ctredge.serve")
 
@@ -110,14 +111,17 @@ class Scheduler:
     ``batching``: a :class:`~ctredge.serve.repository.DynamicBatching` (``enabled``,
     ``max_batch_rows``, ``max_queue_delay_us``, ``max_queue_size``).  ``batchable``:
     the model has a dynamic batch dimension (only then are requests padded or merged).
-    ``max_concurrency``: runs of this model at once.  ``on_execution``: called on the
-    event-loop thread after every run.
+    ``max_concurrency``: runs of this model at once.  ``executor``: where runs
+    of more than ``inline_max_rows`` rows happen (None: the loop's default).
+    ``on_execution``: called on the event-loop thread after every run, ok or
+    failed: the one place runs are counted (requests are counted by the servicer).
     """
 
     def __init__(self, runner: Runner, batching: Any, *, batchable: bool = True, alignment: int = 4,
-                 max_concurrency: int = 1, inline_max_rows: int = 0,
+                 max_concurrency: int = 1, inline_max_rows: int = 0, executor: Executor | None = None,
                  on_execution: Callable[[Execution], None] | None = None):
         self.runner = runner
+        self.executor = executor
         self.enabled = bool(batching.enabled) and batchable
         self.max_batch_rows = int(batching.max_batch_rows)
         self.max_queue_delay_ns = int(batching.max_queue_delay_us) * 1000
@@ -213,11 +217,15 @@ class Scheduler:
         t0 = time.perf_counter_ns()
         padded, padded_rows = pad_rows(feeds, rows, self.alignment)
         t1 = time.perf_counter_ns()
-        if rows <= self.inline_max_rows:
-            start_ns, outs, end_ns = self._timed_run(padded, rows, deadline)
-        else:
-            start_ns, outs, end_ns = await asyncio.get_running_loop().run_in_executor(
-                self.runner.executor, self._timed_run, padded, rows, deadline)
+        try:
+            if rows <= self.inline_max_rows:
+                start_ns, outs, end_ns = self._timed_run(padded, rows, deadline)
+            else:
+                start_ns, outs, end_ns = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._timed_run, padded, rows, deadline)
+        except Exception:
+            self._report(Execution(rows, padded_rows, 1, t1 - t0, 0, 0, False))
+            raise
         t2 = time.perf_counter_ns()
         out = {k: v[:rows] for k, v in outs.items()} if padded_rows != rows else outs
         t3 = time.perf_counter_ns()
@@ -232,15 +240,9 @@ class Scheduler:
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded(f"{self.label}: the request's deadline passed before it ran")
         start = time.perf_counter_ns()
-        try:
-            out = self.runner.run(feeds)
-        except Exception:
-            self.runner._record(RunRecord(self.runner.name, self.runner.version, rows,
-                                          (time.perf_counter_ns() - start) / 1e9, False))
-            raise
+        out = self.runner.run(feeds)
         end = time.perf_counter_ns()
         self._run_ns += (end - start - self._run_ns) >> 3
-        self.runner._record(RunRecord(self.runner.name, self.runner.version, rows, (end - start) / 1e9, True))
         return start, out, end
 
     # ------------------------------------------------------------------ batching on
@@ -348,14 +350,16 @@ class Scheduler:
         """Merge, run (on this thread when ``inline``, else on the executor), split; frees the run slot."""
         t0 = time.perf_counter_ns()
         rows = sum(e.rows for e in batch)
+        # checked again just before the run: when every request of the batch has expired, nothing runs
+        deadline = None if any(e.deadline is None for e in batch) else max(e.deadline for e in batch)
         try:
             feeds = self._merge(batch)
             t1 = time.perf_counter_ns()
             if inline:
-                start, outs, end = self._timed_run(feeds, rows, None)
+                start, outs, end = self._timed_run(feeds, rows, deadline)
             else:
                 start, outs, end = await asyncio.get_running_loop().run_in_executor(
-                    self.runner.executor, self._timed_run, feeds, rows, None)
+                    self.executor, self._timed_run, feeds, rows, deadline)
         except Exception as exc:
             self._fail(batch, exc, 0, 0)
         else:

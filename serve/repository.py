@@ -209,8 +209,7 @@ def load_version(mv: ModelVersion, *, executor: Executor | None = None, settings
         signature: Any = CtrSignature(spec, cfg.max_batch_size, cfg.limits)
     else:
         signature = PlainSignature(session, cfg.max_batch_size, cfg.limits)
-    runner = Runner(session, name=mv.name, version=mv.version, provider=provider, executor=executor,
-                    inline_max_rows=cfg.inline_max_rows)
+    runner = Runner(session, name=mv.name, version=mv.version, provider=provider)
     try:
         out = runner.run(signature.warmup_feeds(seed=0))
     except Exception as exc:
@@ -223,7 +222,7 @@ def load_version(mv: ModelVersion, *, executor: Executor | None = None, settings
     stats = ModelStats(mv.name, mv.version)
     scheduler = Scheduler(runner, batching, batchable=bool(signature.batched), alignment=cfg.row_alignment,
                           max_concurrency=cfg.instances or settings.max_concurrency,
-                          inline_max_rows=cfg.inline_max_rows,
+                          inline_max_rows=cfg.inline_max_rows, executor=executor,
                           on_execution=(lambda e: on_execution(mv, e)) if on_execution else None)
     log.info("%s: warmed up (%s), %s; dynamic batching %s", label,
              ", ".join(f"{k} {list(v.shape)}" for k, v in out.items()),

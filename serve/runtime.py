@@ -13,33 +13,27 @@ machine shared with other processes, spinning thread pools were measured 12x
 slower (DESIGN.md).  Parallelism comes from running several requests at once on
 the server's executor threads, each Run on one core.
 
-``Runner.predict(feeds)`` is the async seam of a model: it runs the session off
-the event loop on the executor's threads (ONNX Runtime releases the GIL) and
-returns ``{output: array}``.  Requests of at most ``inline_max_rows`` rows run
-on the event-loop thread instead: on 2 shared cores the hop to a worker thread
-and back cost ~0.5 ms p50 and several ms p99, more than a small batch's run.
-A dynamic batcher can wrap it with the same signature.  On CUDA it uses IO
-binding (inputs copied once to the device, outputs bound to host memory).
-Every run is counted in :class:`RunStats` and passed to ``observers`` (the hook
-for metrics).
+``Runner.run(feeds)`` runs a version's session in the calling thread and
+returns ``{output: array}``; ONNX Runtime releases the GIL while it runs.  On
+CUDA it uses IO binding (inputs copied once to the device, outputs bound to
+host memory).  Where a run happens (the event-loop thread or a worker thread),
+when, with which batch-mates, and what is counted is the
+:class:`~ctredge.serve.batcher.Scheduler`'s business: it is the one seam
+between requests and sessions.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ctredge.onnxrt import CPU, CUDA, GPU_PROVIDERS, PROVIDER_ALIASES, ort_session_options
 from ctredge.serve.errors import GpuRequired, InvalidInput, LoadError, ServeError
 
 log = logging.getLogger("ctredge.serve")
-
-from ctredge.onnxrt import CPU, CUDA, GPU_PROVIDERS, PROVIDER_ALIASES, ort_session_options
 
 
 def available_providers() -> list[str]:
@@ -120,43 +114,9 @@ def create_session(path: str, *, providers: Sequence[str] = ("auto",), intra_op_
 
 
 @dataclass
-class RunRecord:
-    """One call of :meth:`Runner.predict`, as passed to observers."""
-
-    model: str
-    version: int
-    rows: int
-    seconds: float
-    ok: bool
-
-
-@dataclass
-class RunStats:
-    """Counters of a runner (ModelStatistics and metrics build on these)."""
-
-    runs: int = 0
-    rows: int = 0
-    failures: int = 0
-    seconds: float = 0.0
-    last_run_ns: int = 0
-
-    def add(self, record: RunRecord) -> None:
-        if record.ok:
-            self.runs += 1
-            self.rows += record.rows
-            self.seconds += record.seconds
-        else:
-            self.failures += 1
-        self.last_run_ns = time.time_ns()
-
-
-@dataclass
 class Runner:
-    """One model version's ONNX Runtime session behind an async ``predict(feeds)``.
+    """One model version's ONNX Runtime session: ``run(feeds)`` in the calling thread.
 
-    ``executor``: where sessions run (None: the event loop's default executor).
-    ``inline_max_rows``: requests up to this many rows run on the calling
-    (event-loop) thread; 0 sends every run to the executor.
     ``io_binding``: None picks it for GPU providers; True forces it (tests on CPU).
     """
 
@@ -164,11 +124,7 @@ class Runner:
     name: str = "model"
     version: int = 1
     provider: str = CPU
-    executor: Executor | None = None
-    inline_max_rows: int = 0
     io_binding: bool | None = None
-    stats: RunStats = field(default_factory=RunStats)
-    observers: list[Callable[[RunRecord], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -201,33 +157,3 @@ class Runner:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
-
-    async def predict(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model on ``feeds`` off the event loop; same returns and raises as :meth:`run`."""
-        loop = asyncio.get_running_loop()
-        rows = _rows(feeds)
-        t0 = time.perf_counter()
-        ok = False
-        try:
-            if rows <= self.inline_max_rows:
-                out = self.run(feeds)
-            else:
-                out = await loop.run_in_executor(self.executor, self.run, feeds)
-            ok = True
-            return out
-        finally:
-            self._record(RunRecord(self.name, self.version, rows, time.perf_counter() - t0, ok))
-
-    def _record(self, record: RunRecord) -> None:
-        self.stats.add(record)
-        for observer in self.observers:
-            try:
-                observer(record)
-            except Exception:  # an observer must never fail a request
-                log.exception("run observer %r failed", observer)
-
-
-def _rows(feeds: Mapping[str, np.ndarray]) -> int:
-    for v in feeds.values():
-        return int(v.shape[0]) if v.ndim else 1
-    return 0

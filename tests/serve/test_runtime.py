@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -76,23 +75,10 @@ def test_io_binding_path_equals_plain_run(model_path):
     assert Runner(session, provider=CUDA).io_binding  # chosen automatically on the GPU
 
 
-def test_predict_off_loop_with_stats_and_observers(model_path):
+def test_run_maps_onnx_runtime_errors(model_path):
     session, _ = create_session(str(model_path), providers=["cpu"])
-    seen = []
-
-    def broken_observer(record):
-        raise RuntimeError("observer bug")
-
-    runner = Runner(session, name="m", version=4, observers=[seen.append, broken_observer])
+    runner = Runner(session, name="m", version=4)
     feeds = contract_feeds(small_spec(), 3, seed=2)
-
-    async def go():
-        return await asyncio.gather(runner.predict(feeds), runner.predict(feeds))
-
-    a, b = asyncio.run(go())
-    np.testing.assert_array_equal(a["ctr"], b["ctr"])
-    assert runner.stats.runs == 2 and runner.stats.rows == 6 and runner.stats.failures == 0
-    assert [(r.model, r.version, r.rows, r.ok) for r in seen] == [("m", 4, 3, True)] * 2
+    np.testing.assert_array_equal(runner.run(feeds)["ctr"], runner.run(feeds)["ctr"])
     with pytest.raises(InvalidInput, match="ONNX Runtime rejected the inputs"):
-        asyncio.run(runner.predict({**feeds, "cat": feeds["cat"].astype(np.int32)}))
-    assert runner.stats.failures == 1 and seen[-1].ok is False
+        runner.run({**feeds, "cat": feeds["cat"].astype(np.int32)})
