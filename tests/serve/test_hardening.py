@@ -93,14 +93,15 @@ def test_a_bad_name_never_touches_the_filesystem(model_repo, monkeypatch):
             asyncio.run(repo.load_model(name))
 
 
-def test_a_model_folder_linking_outside_is_refused(model_repo, tmp_path):
+def test_a_link_the_operator_placed_is_a_model_but_names_never_follow_paths(model_repo, tmp_path):
     root, spec = model_repo
-    os.symlink(tmp_path / "outside", root / "escape")
+    os.symlink(tmp_path / "outside", root / "linked")
     with ServerThread(root, port=0, model_control_mode="explicit") as s, grpc.insecure_channel(s.url) as ch:
         stub = _stub(ch)
-        assert "escape" not in [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models]
-        code, _ = _code(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="escape"))
-        assert code == grpc.StatusCode.NOT_FOUND
+        assert stub.ModelInfer(build_request("linked", contract_feeds(spec, 1))).model_name == "linked"
+        for name in ("linked/../linked", "linked/1", str(tmp_path / "outside")):
+            code, _ = _code(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=name))
+            assert code == grpc.StatusCode.NOT_FOUND
 
 
 def test_load_overrides_are_refused_not_ignored(model_repo):

@@ -523,9 +523,6 @@ def test_role_of_other_names(method, role):
 
 
 # ----------------------------------------------------------------------------- model control default
-@pytest.mark.xfail(strict=True, reason="model_control_mode is stored in ServerOptions but not enforced: "
-                   "InferenceServicer.RepositoryModelLoad/Unload (serve/server.py) never read it, so the "
-                   "default 'none' still loads and unloads models")
 def test_default_model_control_mode_refuses_load_and_unload(sec_repo):
     with _serve(sec_repo) as s, tc.InferenceServerClient(s.url) as client:
         assert s.options.model_control_mode == "none"
@@ -537,4 +534,4 @@ def test_default_model_control_mode_refuses_load_and_unload(sec_repo):
             except InferenceServerException as exc:
                 codes.append(_code(exc))
         ready = client.is_model_ready("ctr", client_timeout=TIMEOUT)
-    assert "OK" not in codes and ready, codes
+    assert codes == ["FAILED_PRECONDITION"] * 2 and ready, codes
