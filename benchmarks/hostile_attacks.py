@@ -56,6 +56,17 @@ def load_dotdot(ctx: Ctx) -> Outcome:
     return _load(ctx, "../x")
 
 
+def load_inside_traversal(ctx: Ctx) -> Outcome:
+    """RepositoryModelLoad of ``<model>/../<model>``: a name with separators that resolves inside the repository."""
+    out = _load(ctx, f"{ctx.model}/../{ctx.model}")
+    if out.extra.get("in_index_after"):
+        unload = Outcome()
+        call_stub(unload, ctx.stub().RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=out.extra[
+            "model_name"]))
+        out.extra["cleanup_unload"] = dict(unload.codes)
+    return out
+
+
 def unload_all(ctx: Ctx) -> Outcome:
     """RepositoryModelUnload of every model of the index, then ServerReady; then load them back."""
     out = Outcome()
@@ -325,7 +336,8 @@ class Attack:
 
 ATTACKS: tuple[Attack, ...] = (
     Attack("load-abs-path", 1, load_abs_path), Attack("load-traversal", 1, load_traversal),
-    Attack("load-dotdot", 1, load_dotdot), Attack("unload-all", 1, unload_all),
+    Attack("load-dotdot", 1, load_dotdot), Attack("load-inside-traversal", 1, load_inside_traversal),
+    Attack("unload-all", 1, unload_all),
     Attack("hist-raw-commas", 2, hist_raw_commas), Attack("unknown-input-9m", 2, unknown_input_9m),
     Attack("unknown-input-fit", 2, unknown_input_fit),
     Attack("cat-raw-unique", 3, cat_raw_unique), Attack("random-models", 3, random_models),

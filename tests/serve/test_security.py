@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from ctredge.serve import security
+from ctredge.serve.codec import build_request
 from ctredge.serve.errors import ServeError
 from ctredge.serve.server import ServerOptions, ServerThread
 
@@ -535,3 +536,27 @@ def test_default_model_control_mode_refuses_load_and_unload(sec_repo):
                 codes.append(_code(exc))
         ready = client.is_model_ready("ctr", client_timeout=TIMEOUT)
     assert codes == ["FAILED_PRECONDITION"] * 2 and ready, codes
+
+
+# ----------------------------------------------------------------------------- concurrency cap
+def test_max_concurrent_rpcs_overflow_is_resource_exhausted(tmp_path, spec):
+    """Beyond ``max_concurrent_rpcs`` calls held at once, the server answers RESOURCE_EXHAUSTED; then it recovers."""
+    save(ctr_model(spec, seed=4), tmp_path / "slow" / "1" / "model.onnx")
+    # every request waits 300 ms in the batching queue, so all 8 are held at once
+    (tmp_path / "slow" / "config.json").write_text(json.dumps(
+        {"instances": 1, "dynamic_batching": {"max_queue_delay_us": 300_000}}))
+    payload = build_request("slow", contract_feeds(spec, 2)).SerializeToString()
+    with _serve(tmp_path, max_concurrent_rpcs=2) as s, grpc.insecure_channel(s.url) as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                              response_deserializer=None)
+        futures = [call.future(payload, timeout=TIMEOUT) for _ in range(8)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        call(payload, timeout=TIMEOUT)  # answered once the burst is over
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert 1 <= codes.count("OK") <= 7 and "RESOURCE_EXHAUSTED" in codes, codes
