@@ -110,9 +110,11 @@ class Probe:
             log.warning("the probe process sent no request within %.0f s", PROBE_TIMEOUT_S + 30)
 
     def pause(self) -> None:
+        """Stop sending (the call in flight finishes)."""
         self._running.clear()
 
     def resume(self) -> None:
+        """Send again."""
         self._running.set()
 
     def _drain(self) -> None:
@@ -137,6 +139,7 @@ class Probe:
                 "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "max_ms": round(lat[-1], 3) if lat else None}
 
     def close(self) -> None:
+        """Stop the child process (killed if it does not end within the call timeout)."""
         self._stop.set()
         self._running.set()
         self._proc.join(timeout=PROBE_TIMEOUT_S + 5)
@@ -229,6 +232,7 @@ class Harness:
         self.probe = Probe(self.srv.url, self.ordinary)
 
     def stop(self) -> None:
+        """Stop the probe and the server (SIGTERM, then SIGKILL)."""
         if self.probe is not None:
             self.probe.close()
             self.probe = None

@@ -68,9 +68,9 @@ def load_inside_traversal(ctx: Ctx) -> Outcome:
 
 
 def unload_all(ctx: Ctx) -> Outcome:
-    """RepositoryModelUnload of every model of the index, then ServerReady; then load them back."""
+    """RepositoryModelUnload of every ready model of the index, then ServerReady; then load them back."""
     out = Outcome()
-    names = index_names(ctx) or [ctx.model]
+    names = index_names(ctx, ready=True) or [ctx.model]
     with out.timed():
         for name in names:
             call_stub(out, ctx.stub().RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=name))

@@ -62,6 +62,7 @@ class Ctx:
         return quick if self.quick else full
 
     def close(self) -> None:
+        """Close the shared channel (a later :meth:`channel` opens a new one)."""
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -192,10 +193,10 @@ def model_stats(ctx: Ctx) -> tuple[int, int] | None:
             sum(m.inference_stats.fail.count for m in resp.model_stats))
 
 
-def index_names(ctx: Ctx) -> list[str] | None:
-    """The model names of RepositoryIndex, or None when the call fails."""
+def index_names(ctx: Ctx, ready: bool = False) -> list[str] | None:
+    """The model names of RepositoryIndex (only the ready ones with ``ready``), or None when the call fails."""
     try:
-        return [m.name for m in ctx.stub().RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30).models]
+        return [m.name for m in ctx.stub().RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), timeout=30).models]
     except grpc.RpcError:
         return None
 
