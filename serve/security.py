@@ -11,8 +11,9 @@ line (blank lines and ``#`` comments ignored).  A client sends
 one role (:data:`OPEN_METHODS`, :data:`ADMIN_METHODS`, everything else is
 ``infer``), after Triton's restricted-protocol groups:
 
-* ``open``: gRPC health, reflection, ServerLive and ServerReady: Kubernetes
-  probes and grpcurl work without credentials.
+* ``open``: gRPC health, reflection, ServerLive, ServerReady and ModelReady
+  (Triton's health group): Kubernetes probes and grpcurl work without
+  credentials.
 * ``infer``: inference and model metadata; needs an inference token when
   ``infer_token_file`` is set.
 * ``admin``: model control (load/unload), repository index, statistics, shared
@@ -41,7 +42,7 @@ log = logging.getLogger("ctredge.serve")
 SERVICE = "/inference.GRPCInferenceService/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
-OPEN_METHODS = frozenset({SERVICE + "ServerLive", SERVICE + "ServerReady"})
+OPEN_METHODS = frozenset({SERVICE + "ServerLive", SERVICE + "ServerReady", SERVICE + "ModelReady"})
 ADMIN_METHODS = frozenset(SERVICE + m for m in (
     "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "ModelStatistics",
     "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",

@@ -308,6 +308,7 @@ def test_admin_token_reads_statistics_and_the_index(tclient, tokens, spec):
 def test_live_ready_health_and_reflection_need_no_token(token_server, tclient):
     assert tclient.is_server_live(client_timeout=TIMEOUT)
     assert tclient.is_server_ready(client_timeout=TIMEOUT)
+    assert tclient.is_model_ready("ctr", client_timeout=TIMEOUT)  # per-model readiness probes too
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     with grpc.insecure_channel(token_server.url) as ch:
@@ -497,7 +498,7 @@ ADMIN_NAMES = {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"
                "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
                "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
                "TraceSetting", "LogSettings"}
-OPEN_NAMES = {"ServerLive", "ServerReady"}
+OPEN_NAMES = {"ServerLive", "ServerReady", "ModelReady"}  # Triton's "health" group
 
 
 def test_role_of_every_inference_service_method():
@@ -506,7 +507,7 @@ def test_role_of_every_inference_service_method():
     assert set(roles.values()) <= {"open", "infer", "admin"}
     assert {n for n, r in roles.items() if r == "admin"} == ADMIN_NAMES
     assert {n for n, r in roles.items() if r == "open"} == OPEN_NAMES
-    assert {"ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelConfig", "ModelReady", "ServerMetadata"} <= \
+    assert {"ModelInfer", "ModelStreamInfer", "ModelMetadata", "ModelConfig", "ServerMetadata"} <= \
         {n for n, r in roles.items() if r == "infer"}
     # the servicer implements exactly the methods the table covers
     assert set(roles) == {n for n in dir(service_pb2_grpc.GRPCInferenceServiceServicer) if not n.startswith("_")}
