@@ -218,4 +218,7 @@ def interceptors(infer_token_file: str | None, admin_token_file: str | None, *, 
         log.warning("bearer tokens are checked, but without --tls-cert they travel in clear text")
     log.info("tokens required: inference %s, model control/statistics %s",
              "yes" if policy.infer else "no (open)", "yes" if policy.admin else "no (open)")
+    if policy.infer and not policy.admin:
+        log.warning("inference needs a token but the repository index, statistics and (in explicit mode) model "
+                    "control do not: give --admin-token-file to close them")
     return [TokenInterceptor(policy, on_refused)]
