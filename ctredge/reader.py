@@ -202,7 +202,11 @@ def read_all(
     **kwargs,
 ) -> Batch:
     """Concatenate everything :func:`iter_batches` yields (for data that fits in memory)."""
-    parts = list(iter_batches(paths, spec, **kwargs))
+    return concat_batches(list(iter_batches(paths, spec, **kwargs)), spec)
+
+
+def concat_batches(parts: Sequence[Batch], spec: FeatureSpec) -> Batch:
+    """One batch of several, in order; none gives an empty batch with the spec's shapes and dtypes."""
     if not parts:
         empty = {name: np.zeros((0,) + tuple(s[1:]), dtype=dt) for name, (dt, s) in spec.input_signature().items()}
         z = np.zeros(0, dtype=np.int64)
