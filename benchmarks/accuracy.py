@@ -273,7 +273,7 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
     truth = truth_of(data_path, sha)
     fp32_bytes = next((m["bytes"] for m in models if m["name"] == FP32_MODEL), None)
 
-    from ctredge.compress.quantize import predict as ort_predict
+    from ctredge.compress.scoring import ort_predict
 
     rows: list[dict[str, Any]] = []
     preds: dict[str, np.ndarray] = {}

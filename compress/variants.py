@@ -140,8 +140,8 @@ def compress_all(trained_dir: str | os.PathLike[str], repo: str | os.PathLike[st
     """
     import onnx
 
-    from ctredge.compress.quantize import predict as ort_predict
-    from ctredge.compress.quantize import quantize, save_model, session_rss_bytes
+    from ctredge.compress.quantize import quantize, save_model
+    from ctredge.compress.scoring import ort_predict, session_rss_bytes
     from ctredge.export.onnx import set_metadata
     from ctredge.train.train import load_trained, predict, read_parts
 
