@@ -11,7 +11,8 @@ from ctredge.datagen import generate
 from ctredge.errors import ArtifactError, ConfigError, DataError
 from ctredge.reader import SplitSpec, read_all, resolve_spec
 from ctredge.train.models import ModelConfig
-from ctredge.train.train import TrainConfig, evaluate, load_trained, predict, train
+from ctredge.train.loop import keras_predict as predict
+from ctredge.train.train import TrainConfig, evaluate, load_trained, train
 
 pytestmark = pytest.mark.slow
 
