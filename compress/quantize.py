@@ -46,7 +46,7 @@ from ctredge.compress.rowwise import (dequantize_rows_int4, dequantize_rows_int8
                                       quantize_rows_int8, unpack_int4)
 from ctredge.compress.scoring import ort_predict, session_rss_bytes
 from ctredge.config import config_to_dict
-from ctredge.errors import ConfigError, ValidationError
+from ctredge.errors import ArtifactError, ConfigError, CtrEdgeError, ValidationError
 from ctredge.export.onnx import read_metadata, set_metadata
 
 
@@ -134,7 +134,69 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], kind
             "source_bytes": sum(f.stat().st_size for f in src_files)}
 
 
-__all__ = ["VARIANT_KINDS", "QuantizeConfig", "EmbeddingTable", "quantize", "quantize_file", "save_model",
+def verified_source(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check the ctredge artifact an ONNX file belongs to, as ``export`` checks its parent.
+
+    The file's folder must hold a ``manifest.json`` of an ``export`` or ``variant``
+    artifact that lists the file, and every file it lists must match its sha256.
+    Returns that manifest.
+
+    Raises:
+        ArtifactError: no manifest, a manifest of another stage or one that does
+            not list the file, or a file that changed since the manifest was written.
+    """
+    from ctredge.artifacts import MANIFEST, read_manifest
+
+    path = Path(path)
+    if not (path.parent / MANIFEST).is_file():
+        raise ArtifactError(f"{path}: no {MANIFEST} beside it, so its content cannot be checked: quantize the "
+                            f"output of `ctredge export` (or pass --no-verify for an ONNX file made elsewhere)")
+    manifest = read_manifest(path.parent, stage=("export", "variant"))
+    if path.name not in manifest.get("files", {}):
+        raise ArtifactError(f"{path}: the artifact's {MANIFEST} does not list {path.name}; "
+                            f"expected one of {sorted(manifest.get('files', {}))}")
+    return manifest
+
+
+def quantize_to_folder(src: str | os.PathLike[str], kinds: Iterable[str], out: str | os.PathLike[str], *,
+                       calibration_data: str | os.PathLike[str] | None = None, calibration_rows: int = 4096,
+                       verify_manifest: bool = True) -> list[tuple[str, Path, int]]:
+    """``ctredge compress quantize``: write ``OUT/model.<kind>.onnx`` for each kind.
+
+    Takes the source ONNX file (its artifact's manifest checked first unless
+    ``verify_manifest`` is False), the kinds, the output folder, and a click log
+    whose first ``calibration_rows`` rows calibrate static int8 (read with the
+    FeatureSpec in the model's metadata).  Returns ``[(kind, path, bytes)]``.
+
+    Raises:
+        ArtifactError: the source fails :func:`verified_source`.
+        CtrEdgeError: the model carries no FeatureSpec to read calibration rows with.
+        ConfigError, ValidationError: what :func:`quantize` raises.
+    """
+    from ctredge.export.onnx import load_spec_from_onnx
+    from ctredge.reader import read_all
+
+    if verify_manifest:
+        verified_source(src)
+    calibration = None
+    if calibration_data:
+        spec = load_spec_from_onnx(src)
+        if spec is None:
+            raise CtrEdgeError(f"{src} carries no ctredge FeatureSpec: calibration rows cannot be read for it")
+        rows = read_all(calibration_data, spec, limit=calibration_rows)
+        calibration = [rows.take(np.arange(i, min(i + 256, len(rows)))).feeds for i in range(0, len(rows), 256)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind in kinds:
+        path = out / f"model.{kind.replace('+', '_')}.onnx"
+        save_model(quantize(src, kind, calibration), path)
+        written.append((kind, path, path.stat().st_size))
+    return written
+
+
+__all__ = ["VARIANT_KINDS", "QuantizeConfig", "EmbeddingTable", "quantize", "quantize_file", "quantize_to_folder",
+           "verified_source", "save_model",
            "ort_predict", "session_rss_bytes", "find_embedding_tables",
            "pack_int4", "unpack_int4", "quantize_rows_int8", "quantize_rows_int4",
            "dequantize_rows_int8", "dequantize_rows_int4", "METADATA_QUANTIZATION", "METADATA_QUANTIZATION_CONFIG"]

@@ -115,25 +115,13 @@ def cmd_compress_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_compress_quantize(args: argparse.Namespace) -> int:
-    import numpy as np
+    from ctredge.compress.quantize import quantize_to_folder
 
-    from ctredge.compress.quantize import quantize, save_model
-    from ctredge.export.onnx import load_spec_from_onnx
-    from ctredge.reader import read_all
-
-    calibration = None
-    if args.calibration:
-        spec = load_spec_from_onnx(args.onnx)
-        if spec is None:
-            raise CtrEdgeError(f"{args.onnx} carries no ctredge FeatureSpec: calibration rows cannot be read for it")
-        rows = read_all(args.calibration, spec, limit=args.calibration_rows)
-        calibration = [rows.take(np.arange(i, min(i + 256, len(rows)))).feeds for i in range(0, len(rows), 256)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for kind in args.variants.split(","):
-        path = out / f"model.{kind.replace('+', '_')}.onnx"
-        save_model(quantize(args.onnx, kind, calibration), path)
-        print(f"{kind:24s} {path}  {path.stat().st_size:,} bytes")
+    for kind, path, size in quantize_to_folder(args.onnx, args.variants.split(","), args.out,
+                                               calibration_data=args.calibration,
+                                               calibration_rows=args.calibration_rows,
+                                               verify_manifest=not args.no_verify):
+        print(f"{kind:24s} {path}  {size:,} bytes")
     return 0
 
 
@@ -272,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "int8-static+emb-int8, int8-static+emb-int4")
     cq.add_argument("--calibration", help="click log for static int8 calibration")
     cq.add_argument("--calibration-rows", type=int, default=4096)
+    cq.add_argument("--no-verify", action="store_true",
+                    help="quantize an ONNX file that has no ctredge manifest.json beside it (not checked)")
     cq.add_argument("--out", required=True)
     cq.set_defaults(func=cmd_compress_quantize)
     ca = c.add_parser("all", help="every variant into a model repository, judged by the dAUC budget")
