@@ -6,7 +6,8 @@
   plus ``machine`` (filled in where missing), the evaluated ``targets`` and the
   plots written; NaN and infinity become ``null``;
 * ``report.md`` — a summary table first, then one section per benchmark, then
-  the issue's targets;
+  the product's targets (:func:`targets`: dAUC budget, edge-model size, latency
+  and throughput against the floor);
 * ``latency_vs_batch.png``, ``throughput_vs_concurrency.png``, ``auc_vs_bytes.png``
   (matplotlib, Agg backend; without matplotlib the report says so and has no plots).
 
@@ -225,7 +226,7 @@ def _pick(rows: list[dict[str, Any]], model: str, *, kind: str, concurrency: int
 
 # ------------------------------------------------------------------ targets
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's closing-note targets: ``[{target, model, measured, value, status}]``.
+    """Each product target checked against the results: ``[{target, model, measured, value, status}]``.
 
     ``status`` is ``met``, ``not met`` or ``not measured (reason)``; ``value`` is the
     number compared against the threshold.
