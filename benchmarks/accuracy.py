@@ -5,13 +5,20 @@
 * the full Keras model of the trained artifact (TensorFlow imported lazily; when
   TensorFlow is not installed or no trained folder is given, ``ctr-fp32`` — the
   validated ONNX export of that model — is the reference, and the table says so);
-* every model folder of the repository (``REPO/<name>/<highest version>/model.onnx``),
-  over the accuracy budget or not; ``REPO/index.json``, when present, adds each
-  variant's budget verdict, but every metric is recomputed here.
+* every model folder of the repository (``REPO/<name>/<latest version>/model.onnx``,
+  :class:`ctredge.layout.RepositoryLayout`), over the accuracy budget or not.
 
-Which rows: when ``data_path`` is (by sha256) a data file of the trained
-artifact's manifest, the manifest's held-out **test** rows of that file (the
-split of ``ctredge train``: same seed, same fractions, so the same rows the
+``ctredge compress all`` already scored every variant against the full Keras
+model on the trained artifact's test rows and recorded it in ``REPO/index.json``.
+When the index describes exactly these rows and files (the same trained
+manifest, test files, row count, bootstrap settings, and each variant's
+``model.onnx`` by sha256), its figures are taken as they are and neither Keras
+nor ONNX Runtime runs; otherwise every figure is computed here.  The result
+says which (``figures``: ``"index.json"`` or ``"computed"``).
+
+Which rows: when ``data_path`` is (by sha256) a test file of the trained
+artifact's data plan (:class:`ctredge.dataplan.DataPlan`), the plan's held-out
+**test** rows of that file (the split of ``ctredge train``, so the same rows the
 compression budget was judged on); otherwise every row of ``data_path``.  The
 result records which (``rows_source``).
 
@@ -43,10 +50,12 @@ from typing import Any
 import numpy as np
 
 from ctredge import metrics as M
-from ctredge.artifacts import read_manifest, sha256_file
+from ctredge.artifacts import manifest_hash, read_manifest, sha256_file
+from ctredge.dataplan import DataPlan
 from ctredge.errors import ArtifactError, DataError
 from ctredge.features import METADATA_KEY, FeatureSpec
-from ctredge.reader import SPLIT_NAMES, Batch, SplitSpec, iter_raw, read_all, resolve_spec, sidecar_path, to_batch
+from ctredge.layout import RepositoryLayout
+from ctredge.reader import Batch, read_all, resolve_spec, sidecar_path
 
 log = logging.getLogger("ctredge.benchmarks")
 
@@ -66,50 +75,24 @@ def model_order(name: str) -> tuple[int, str]:
 
 
 def repository_models(repository: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every model folder of a repository: ``[{name, version, path, bytes}]`` in :func:`model_order`.
+    """Every model of a repository at its latest version: ``[{name, version, path, bytes}]`` in :func:`model_order`.
 
-    The highest numeric version folder that holds a ``model.onnx`` is taken;
-    ``bytes`` counts every file of that folder except ``manifest.json``.
+    ``bytes`` counts every file of that version folder except ``manifest.json``.
 
     Raises:
         ArtifactError: the repository folder does not exist.
     """
-    root = Path(repository)
-    if not root.is_dir():
-        raise ArtifactError(f"model repository {root} does not exist")
-    out = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = sorted((int(v.name), v) for v in model_dir.iterdir()
-                          if v.is_dir() and v.name.isdigit() and (v / "model.onnx").is_file())
-        if not versions:
-            continue
-        version, folder = versions[-1]
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json")
-        out.append({"name": model_dir.name, "version": version, "path": str(folder / "model.onnx"), "bytes": size})
-    return sorted(out, key=lambda m: model_order(m["name"]))
+    entries = RepositoryLayout(repository).latest_models()
+    return sorted((dict(vars(e)) for e in entries), key=lambda m: model_order(m["name"]))
 
 
 def read_index(repository: str | os.PathLike[str]) -> dict[str, Any] | None:
     """``REPO/index.json`` (written by ``ctredge compress all``) or None when absent or unreadable."""
-    path = Path(repository) / "index.json"
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("ignoring %s: %s", path, exc)
+        return RepositoryLayout(repository).read_index()
+    except ArtifactError as exc:
+        log.warning("ignoring the index: %s", exc)
         return None
-
-
-def _manifest_sha_of(data_info: dict[str, Any], part_path: str) -> str | None:
-    """sha256 the manifest recorded for a path of its data plan (paths may be relative to another cwd)."""
-    files = data_info.get("files") or []
-    norm = os.path.normpath(part_path)
-    for f in files:
-        fp = os.path.normpath(f.get("path", ""))
-        if fp == norm or fp.endswith(os.sep + norm.lstrip(os.sep)):
-            return f.get("sha256")
-    return files[0].get("sha256") if len(files) == 1 else None
 
 
 def evaluation_rows(manifest: dict[str, Any] | None, data_path: str | os.PathLike[str], spec: FeatureSpec,
@@ -128,25 +111,16 @@ def evaluation_rows(manifest: dict[str, Any] | None, data_path: str | os.PathLik
     info: dict[str, Any] = {"data": str(data_path), "data_sha256": sha, "rows_source": "all rows"}
     batch: Batch | None = None
     data_info = (manifest or {}).get("data") or {}
-    test = (data_info.get("parts") or {}).get("test")
-    if test:
-        shas = [_manifest_sha_of(data_info, p) for p in test.get("paths", [])]
-        split = data_info.get("split")
-        if sha in shas and test.get("split_part") and split:
-            k = shas.index(sha)
-            sp = SplitSpec(**split)
-            chunks = []
-            for raw in iter_raw(data_path, spec, file_no=k):
-                raw = raw.take(sp.codes(np.full(len(raw), k), raw.line_no) == SPLIT_NAMES.index("test"))
-                if len(raw):
-                    chunks.append(to_batch(raw, spec))
-            batch = _concat(chunks, spec)
-            info.update(rows_source="test split",
-                        split={**split, "part": "test", "file_no": k},
-                        note="the held-out test rows of the trained artifact's split: same seed, same fractions")
-        elif sha in shas:
+    if data_info.get("parts"):
+        batch, found = DataPlan.from_manifest(data_info).test_rows_in(data_path, sha, spec)
+        source = found.pop("rows_source")
+        info.update(found)
+        if source == "test split":
+            info.update(rows_source="test split", note="the held-out test rows of the trained artifact's split: "
+                                                       "same seed, same fractions")
+        elif source == "test file":
             info.update(rows_source="test file", note="the trained artifact's test file: every row")
-        elif any(f.get("sha256") == sha for f in data_info.get("files") or []):
+        elif source == "training file":
             info["note"] = ("WARNING: this file is a training file of the trained artifact and its test rows "
                             "come from other files; every row is scored, so the figures are on training rows")
             log.warning("accuracy: %s", info["note"])
@@ -164,16 +138,6 @@ def evaluation_rows(manifest: dict[str, Any] | None, data_path: str | os.PathLik
                         f"{data_path} gave {len(batch)} row(s)")
     info["rows"] = len(batch)
     return batch, info
-
-
-def _concat(chunks: list[Batch], spec: FeatureSpec) -> Batch:
-    if not chunks:
-        empty = {n: np.zeros((0,) + tuple(s[1:]), dtype=d) for n, (d, s) in spec.input_signature().items()}
-        z = np.zeros(0, dtype=np.int64)
-        return Batch(empty, np.zeros(0, dtype=np.float32), z, z)
-    return Batch({k: np.concatenate([c.feeds[k] for c in chunks]) for k in chunks[0].feeds},
-                 np.concatenate([c.labels for c in chunks]), np.concatenate([c.line_no for c in chunks]),
-                 np.concatenate([c.file_no for c in chunks]))
 
 
 def truth_of(data_path: str | os.PathLike[str], data_sha256: str | None = None) -> dict[str, Any] | None:
@@ -235,6 +199,7 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
          "click_rate": float, "bootstrap": int, "confidence": 0.95, "seed": int,
          "bayes_auc": float | None, "truth": {...} | None, "budget": float | None,
          "fp32_bytes": int | None, "mlperf_lines": [99.0, 99.9], "seconds": float,
+         "figures": "index.json" | "computed",
          "models": [{"name", "kind": "keras" | "onnx", "version", "path", "quantization",
                      "bytes", "x_fp32_bytes", "auc", "dauc", "dauc_ci": [low, high], "logloss",
                      "calibration", "mean_prediction", "click_rate", "normalized_entropy",
@@ -255,11 +220,6 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
     index = read_index(repository)
     index_by = {e.get("name"): e for e in (index or {}).get("models", [])}
     manifest = read_manifest(trained_dir, stage=("train", "prune")) if trained_dir is not None else None
-    keras_model, reference_note = _load_keras(trained_dir)
-    if keras_model is None and not any(m["name"] == FP32_MODEL for m in models):
-        raise ArtifactError(f"no reference model: {reference_note} and the repository {repository} has no "
-                            f"{FP32_MODEL}")
-
     specs = {m["name"]: _onnx_spec_and_kind(m["path"]) for m in models}
     if trained_dir is not None:
         spec = FeatureSpec.load(str(Path(trained_dir) / "feature_spec.json"))
@@ -270,92 +230,170 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
     batch, info = evaluation_rows(manifest, data_path, spec, max_rows=max_rows, data_sha256=sha)
     labels = batch.labels
     log.info("accuracy: %d rows (%s), click rate %.4f", len(batch), info["rows_source"], float(labels.mean()))
-    truth = truth_of(data_path, sha)
+    settings = {"bootstrap": int(bootstrap), "seed": int(seed), "confidence": confidence}
+    for m in models:
+        m["spec"], m["quantization"] = specs[m["name"]]
+        m["quantization"] = m["quantization"] or (index_by.get(m["name"]) or {}).get("quantization")
+    rows = _rows_from_index(index, trained_dir, manifest, models, spec, info, len(batch), settings, max_rows)
+    if rows is not None:
+        reference, reference_note, figures = FULL_MODEL, None, "index.json"
+        log.info("accuracy: every figure from %s (same trained model, rows, files and settings)",
+                 RepositoryLayout(repository).index_path)
+    else:
+        rows, reference, reference_note = _computed_rows(repository, trained_dir, manifest, models, spec, batch,
+                                                         data_path, sha, settings, max_rows)
+        figures = "computed"
+    _add_unwritten(rows, index_by)
+    rows.sort(key=lambda r: (r["name"] != reference, model_order(r["name"])))
     fp32_bytes = next((m["bytes"] for m in models if m["name"] == FP32_MODEL), None)
+    for row in rows:
+        e = index_by.get(row["name"]) or {}
+        row["within_budget"] = e.get("within_budget")
+        row.setdefault("index_dauc", e.get("dauc"))
+        row["x_fp32_bytes"] = (row["bytes"] / fp32_bytes) if (fp32_bytes and row.get("bytes")) else None
+        if "auc" in row:
+            log.info("accuracy: %-17s AUC %.5f  dAUC %+.5f [%+.5f, %+.5f]  logloss %.5f  calib %.3f  %s bytes",
+                     row["name"], row["auc"], row["dauc"], *row["dauc_ci"], row["logloss"], row["calibration"],
+                     f"{row['bytes']:,}")
+    truth = truth_of(data_path, sha)
+    return {
+        "reference": reference, "reference_note": reference_note, **info,
+        "click_rate": float(labels.mean()), **settings,
+        "bayes_auc": truth["bayes_auc"] if truth else None, "truth": truth,
+        "budget": ((index or {}).get("reference") or {}).get("budget"),
+        "index": str(Path(repository) / "index.json") if index is not None else None,
+        "repository": str(repository), "trained": str(trained_dir) if trained_dir is not None else None,
+        "fp32_bytes": fp32_bytes, "mlperf_lines": list(MLPERF_LINES), "figures": figures,
+        "models": rows, "seconds": time.perf_counter() - t_start,
+    }
 
-    from ctredge.compress.quantize import predict as ort_predict
 
+def _figures(summary: dict[str, float], delta: Any, ref_auc: float, max_abs_diff: float) -> dict[str, Any]:
+    """One model's accuracy figures from its summary, its paired dAUC and the reference's AUC."""
+    pct = 100.0 * summary["auc"] / ref_auc if ref_auc else float("nan")
+    return {"auc": summary["auc"], "dauc": delta.delta, "dauc_ci": [delta.low, delta.high],
+            "logloss": summary["logloss"], "calibration": summary["calibration"],
+            "mean_prediction": summary["mean_prediction"], "click_rate": summary["click_rate"],
+            "normalized_entropy": summary["normalized_entropy"], "pct_of_full_auc": pct,
+            "mlperf_99": bool(pct >= MLPERF_LINES[0]), "mlperf_99_9": bool(pct >= MLPERF_LINES[1]),
+            "max_abs_diff_vs_reference": max_abs_diff}
+
+
+def _keras_row(trained_dir: str | os.PathLike[str], seconds: float) -> dict[str, Any]:
+    path = Path(trained_dir) / "model.keras"
+    return {"name": FULL_MODEL, "kind": "keras", "version": None, "path": str(path),
+            "quantization": "none (Keras, fp32)", "bytes": path.stat().st_size, "seconds": seconds, "scored": True}
+
+
+def _onnx_row(m: dict[str, Any], seconds: float = 0.0) -> dict[str, Any]:
+    return {"name": m["name"], "kind": "onnx", "version": m["version"], "path": m["path"],
+            "quantization": m["quantization"], "bytes": m["bytes"], "scored": True, "seconds": seconds}
+
+
+def _rows_from_index(index: dict[str, Any] | None, trained_dir: Any, manifest: dict[str, Any] | None,
+                     models: list[dict[str, Any]], spec: FeatureSpec, info: dict[str, Any], n_rows: int,
+                     settings: dict[str, Any], max_rows: int | None) -> list[dict[str, Any]] | None:
+    """Every model's figures as ``compress all`` recorded them, or None when the index may not describe these rows.
+
+    The index is used only when it was computed from this trained manifest, on
+    the whole test part of its plan, that part being the one file given here,
+    with the same bootstrap settings; and each model's ``model.onnx`` is the one
+    it scored (sha256) and reads the trained model's FeatureSpec.
+    """
+    if index is None or manifest is None or max_rows is not None or info["rows_source"] != "test split":
+        return None
+    ref = index.get("reference") or {}
+    one_test_file = len(DataPlan.from_manifest(manifest.get("data")).parts["test"].paths) == 1
+    if (ref.get("trained_manifest_sha256") != manifest_hash(trained_dir) or not one_test_file
+            or ref.get("test_rows") != n_rows or "keras_summary" not in ref
+            or any(ref.get(k) != v for k, v in settings.items())):
+        return None
+    by = {e.get("name"): e for e in index.get("models", [])}
+    ks = ref["keras_summary"]
+    ref_auc = ks["auc"]
+    rows = [{**_keras_row(trained_dir, 0.0), **_figures(ks, M.PairedDelta(0.0, 0.0, 0.0, 0), ref_auc, 0.0)}]
+    for m in models:
+        e = by.get(m["name"]) or {}
+        if (e.get("version") != m["version"] or e.get("model_sha256") != sha256_file(m["path"])
+                or m["spec"] is None or m["spec"].to_json() != spec.to_json() or "normalized_entropy" not in e):
+            return None
+        summary = {"auc": e["test_auc"], "logloss": e["test_logloss"], "calibration": e["test_calibration"],
+                   "mean_prediction": e["mean_prediction"], "click_rate": e["click_rate"],
+                   "normalized_entropy": e["normalized_entropy"]}
+        delta = M.PairedDelta(e["dauc"], e["dauc_ci"][0], e["dauc_ci"][1], settings["bootstrap"])
+        rows.append({**_onnx_row(m), **_figures(summary, delta, ref_auc, e["max_abs_diff_vs_keras"])})
+    return rows
+
+
+def _computed_rows(repository: Any, trained_dir: Any, manifest: dict[str, Any] | None, models: list[dict[str, Any]],
+                   spec: FeatureSpec, batch: Batch, data_path: str, sha: str, settings: dict[str, Any],
+                   max_rows: int | None) -> tuple[list[dict[str, Any]], str, str | None]:
+    """Score the Keras model (or ``ctr-fp32`` as the reference) and every variant on ``batch``.
+
+    Returns ``(rows, reference name, why the reference is not the Keras model)``.
+
+    Raises:
+        ArtifactError: no reference model can be scored.
+    """
+    from ctredge.compress.scoring import ort_predict
+
+    keras_model, reference_note = _load_keras(trained_dir)
+    if keras_model is None and not any(m["name"] == FP32_MODEL for m in models):
+        raise ArtifactError(f"no reference model: {reference_note} and the repository {repository} has no "
+                            f"{FP32_MODEL}")
     rows: list[dict[str, Any]] = []
     preds: dict[str, np.ndarray] = {}
+    reference = FP32_MODEL
     if keras_model is not None:
-        from ctredge.train.train import predict as keras_predict
+        from ctredge.train.loop import keras_predict
 
         t0 = time.perf_counter()
         preds[FULL_MODEL] = keras_predict(keras_model, batch.feeds)
-        kbytes = (Path(trained_dir) / "model.keras").stat().st_size  # type: ignore[arg-type]
-        rows.append({"name": FULL_MODEL, "kind": "keras", "version": None,
-                     "path": str(Path(trained_dir) / "model.keras"), "quantization": "none (Keras, fp32)",
-                     "bytes": kbytes, "seconds": time.perf_counter() - t0, "scored": True})
+        rows.append(_keras_row(trained_dir, time.perf_counter() - t0))
         reference = FULL_MODEL
     else:
-        reference = FP32_MODEL
         log.info("accuracy: reference is %s (%s)", FP32_MODEL, reference_note)
-
     for m in models:
         t0 = time.perf_counter()
-        mspec, kind = specs[m["name"]]
-        row = {"name": m["name"], "kind": "onnx", "version": m["version"], "path": m["path"],
-               "quantization": kind or (index_by.get(m["name"]) or {}).get("quantization"),
-               "bytes": m["bytes"], "scored": True}
+        row = _onnx_row(m)
         try:
             feeds = batch.feeds
-            if mspec is not None and mspec.to_json() != spec.to_json():
+            if m["spec"] is not None and m["spec"].to_json() != spec.to_json():
                 # the model hashes its inputs differently: re-read the same rows with its spec
-                feeds = evaluation_rows(manifest, data_path, mspec, max_rows=max_rows, data_sha256=sha)[0].feeds
+                feeds = evaluation_rows(manifest, data_path, m["spec"], max_rows=max_rows, data_sha256=sha)[0].feeds
             preds[m["name"]] = ort_predict(Path(m["path"]), feeds)
         except Exception as exc:  # any failure of one model is reported, the others still run
             row.update(scored=False, error=f"{type(exc).__name__}: {exc}")
             log.warning("accuracy: %s could not be scored: %s", m["name"], row["error"])
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-    for name, e in index_by.items():  # listed by compress all but not written (over budget)
-        if name not in {r["name"] for r in rows}:
+    if reference not in preds:
+        raise ArtifactError(f"the reference model {reference} could not be scored: "
+                            + next((r.get("error", "") for r in rows if r["name"] == reference), ""))
+    labels, p_ref = batch.labels, preds[reference]
+    ref_auc = M.auc(labels, p_ref)
+    for row in rows:
+        p = preds.get(row["name"])
+        if p is None:
+            continue
+        if row["name"] == reference:
+            d = M.PairedDelta(0.0, 0.0, 0.0, 0)
+        else:
+            d = M.paired_bootstrap_auc_delta(labels, p_ref, p, resamples=settings["bootstrap"],
+                                             confidence=settings["confidence"], seed=settings["seed"])
+        row.update(_figures(M.summary(labels, p), d, ref_auc, float(np.max(np.abs(p - p_ref)))))
+    return rows, reference, reference_note
+
+
+def _add_unwritten(rows: list[dict[str, Any]], index_by: dict[str, dict[str, Any]]) -> None:
+    """Append the variants ``compress all`` listed but did not write (over budget), with their index figures."""
+    have = {r["name"] for r in rows}
+    for name, e in index_by.items():
+        if name not in have:
             rows.append({"name": name, "kind": "onnx", "version": e.get("version"), "path": None,
                          "quantization": e.get("quantization"), "bytes": e.get("size_bytes"), "scored": False,
                          "error": "not written by compress all (over budget); index figures only",
                          "index_auc": e.get("test_auc"), "index_dauc": e.get("dauc")})
-    if reference not in preds:
-        raise ArtifactError(f"the reference model {reference} could not be scored: "
-                            + next((r.get("error", "") for r in rows if r["name"] == reference), ""))
-
-    rows.sort(key=lambda r: (r["name"] != reference, model_order(r["name"])))
-    p_ref = preds[reference]
-    ref_auc = M.auc(labels, p_ref)
-    for row in rows:
-        name = row["name"]
-        e = index_by.get(name) or {}
-        row["within_budget"] = e.get("within_budget")
-        row.setdefault("index_dauc", e.get("dauc"))
-        row["x_fp32_bytes"] = (row["bytes"] / fp32_bytes) if (fp32_bytes and row.get("bytes")) else None
-        if name not in preds:
-            continue
-        p = preds[name]
-        s = M.summary(labels, p)
-        if name == reference:
-            d = M.PairedDelta(0.0, 0.0, 0.0, 0)
-        else:
-            d = M.paired_bootstrap_auc_delta(labels, p_ref, p, resamples=bootstrap, confidence=confidence,
-                                             seed=seed)
-        pct = 100.0 * s["auc"] / ref_auc if ref_auc else float("nan")
-        row.update(auc=s["auc"], dauc=d.delta, dauc_ci=[d.low, d.high], logloss=s["logloss"],
-                   calibration=s["calibration"], mean_prediction=s["mean_prediction"],
-                   click_rate=s["click_rate"], normalized_entropy=s["normalized_entropy"],
-                   pct_of_full_auc=pct, mlperf_99=bool(pct >= MLPERF_LINES[0]),
-                   mlperf_99_9=bool(pct >= MLPERF_LINES[1]),
-                   max_abs_diff_vs_reference=float(np.max(np.abs(p - p_ref))))
-        log.info("accuracy: %-17s AUC %.5f  dAUC %+.5f [%+.5f, %+.5f]  logloss %.5f  calib %.3f  %s bytes",
-                 name, s["auc"], d.delta, d.low, d.high, s["logloss"], s["calibration"], f"{row['bytes']:,}")
-
-    return {
-        "reference": reference, "reference_note": reference_note, **info,
-        "click_rate": float(labels.mean()), "bootstrap": int(bootstrap), "confidence": confidence,
-        "seed": int(seed), "bayes_auc": truth["bayes_auc"] if truth else None, "truth": truth,
-        "budget": ((index or {}).get("reference") or {}).get("budget"),
-        "index": str(Path(repository) / "index.json") if index is not None else None,
-        "repository": str(repository), "trained": str(trained_dir) if trained_dir is not None else None,
-        "fp32_bytes": fp32_bytes, "mlperf_lines": list(MLPERF_LINES),
-        "models": rows, "seconds": time.perf_counter() - t_start,
-    }
 
 
 __all__ = ["FULL_MODEL", "FP32_MODEL", "MLPERF_LINES", "accuracy_table", "evaluation_rows", "repository_models",

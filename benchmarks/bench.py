@@ -116,13 +116,14 @@ def _spec_of(path: str) -> Any:
 
 
 def _latest_onnx(repository: Path, model: str) -> str:
-    """The newest ``model.onnx`` of ``model`` (:func:`ctredge.benchmarks.accuracy.repository_models`)."""
-    from ctredge.benchmarks.accuracy import repository_models
+    """The newest ``model.onnx`` of ``model`` (:class:`ctredge.layout.RepositoryLayout`)."""
+    from ctredge.layout import RepositoryLayout
 
-    paths = {m["name"]: m["path"] for m in repository_models(repository)}
-    if model not in paths:
-        raise CtrEdgeError(f"{repository / model}: no version folder with a model.onnx")
-    return paths[model]
+    layout = RepositoryLayout(repository)
+    version = layout.latest(model)
+    if version is None:
+        raise CtrEdgeError(f"{layout.model_dir(model)}: no version folder with a model.onnx")
+    return str(layout.model_path(model, version))
 
 
 def _rename(requests: list[bytes], model: str) -> list[bytes]:
@@ -328,7 +329,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise CtrEdgeError(f"--data {cfg.data} is not a file")
     from ctredge.benchmarks.accuracy import repository_models
 
-    available = [m["name"] for m in repository_models(repository)]
+    available = [m["name"] for m in repository_models(repository)]  # in the tables' order
     if not available:
         raise CtrEdgeError(f"--repository {repository} holds no model (REPO/<model>/<version>/model.onnx)")
     cfg = cfg.resolved(available)

@@ -189,133 +189,20 @@ def inproc_latency(repository: str | os.PathLike[str], trained_dir: str | os.Pat
         DataError: the data cannot be read.
     """
     t_start = time.perf_counter()
-    batches = sorted({int(b) for b in batches})
-    if not batches or batches[0] < 1:
-        raise ConfigError(f"inproc: batch sizes must be >= 1, got {list(batches)}")
-    if not seconds > 0 or threads < 1 or rounds < 1 or warmup < 0:
-        raise ConfigError(f"inproc: need seconds > 0, threads >= 1, rounds >= 1, warmup >= 0; got "
-                          f"seconds={seconds}, threads={threads}, rounds={rounds}, warmup={warmup}")
-    unknown = [p for p in providers if p not in PROVIDERS]
-    if unknown:
-        raise ConfigError(f"inproc: unknown provider(s) {unknown}; expected some of {list(PROVIDERS)}")
+    batches = _checked(batches, seconds, threads, rounds, warmup, providers)
     import onnxruntime as ort
 
     data_path = str(data_path)
-    repo_models = repository_models(repository)
-    available = ([FULL_MODEL] if trained_dir is not None else []) + [m["name"] for m in repo_models]
-    wanted = list(models) if models is not None else available
-    missing = [m for m in wanted if m not in available]
-    if missing:
-        raise ConfigError(f"inproc: unknown model(s) {missing}; available: {available}")
-    skipped: list[str] = []
-    runners: list[dict[str, Any]] = []  # {model, runtime, provider, provider_actual, run, spec}
-    tf_info: dict[str, Any] = {"skipped": "no trained artifact given"} if trained_dir is None else {}
     workdir = tempfile.TemporaryDirectory(prefix="ctredge-inproc-")
     try:
-        if FULL_MODEL in wanted:
-            log.info("inproc: exporting the full model to a SavedModel and loading its serving signature")
-            run, tf_info = _tf_runner(trained_dir, threads, workdir.name)  # type: ignore[arg-type]
-            if run is None:
-                skipped.append(f"{FULL_MODEL}: {tf_info['skipped']}")
-                log.info("inproc: skipping %s: %s", FULL_MODEL, tf_info["skipped"])
-            else:
-                spec = FeatureSpec.load(str(Path(trained_dir) / "feature_spec.json"))  # type: ignore[arg-type]
-                runners.append({"model": FULL_MODEL, "runtime": "tensorflow", "provider": "cpu",
-                                "provider_actual": "tensorflow CPU", "run": run, "spec": spec})
-        have_ort = ort.get_available_providers()
-        for m in repo_models:
-            if m["name"] not in wanted:
-                continue
-            for provider in providers:
-                if PROVIDERS[provider] not in have_ort:
-                    line = (f"{m['name']} on {provider}: ONNX Runtime {ort.__version__} has no "
-                            f"{PROVIDERS[provider]} (available: {', '.join(have_ort)})")
-                    if line not in skipped:
-                        skipped.append(line)
-                        log.info("inproc: skipping %s", line)
-                    continue
-                sess, actual = _ort_session(m["path"], provider, threads)
-                if actual[0] != PROVIDERS[provider]:
-                    skipped.append(f"{m['name']} on {provider}: the session runs on {actual} instead")
-                    log.info("inproc: skipping %s", skipped[-1])
-                    continue
-                meta = sess.get_modelmeta().custom_metadata_map
-                spec = FeatureSpec.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else resolve_spec(data_path)
-
-                def run(feeds: dict[str, np.ndarray], _s: Any = sess) -> np.ndarray:
-                    return _s.run([OUTPUT_CTR], feeds)[0]
-
-                runners.append({"model": m["name"], "runtime": "onnxruntime", "provider": provider,
-                                "provider_actual": actual[0], "run": run, "spec": spec})
-        if not runners:
-            raise ConfigError(f"inproc: nothing to time ({'; '.join(skipped) or 'no models'})")
-
-        feed_cache: dict[str, tuple[dict[int, list], dict[str, Any]]] = {}
-        for r in runners:
-            key = r["spec"].to_json()
-            if key not in feed_cache:
-                feed_cache[key] = _feeds_for(r["spec"], data_path, batches)
-            r["feeds"], rows_info = feed_cache[key]
-
-        # correctness guard + warm-up
-        ref_runner = next((r for r in runners if r["runtime"] == "tensorflow"), None)
+        runners, skipped, tf_info = _runners(repository, trained_dir, data_path, models, providers, threads,
+                                             workdir.name)
+        rows_info = _attach_feeds(runners, data_path, batches)
         check_b = min(batches, key=lambda b: abs(b - 16))
-        ref_out = ref_runner["run"](ref_runner["feeds"][check_b][0]) if ref_runner else None
-        diffs: dict[str, float] = {}
-        for r in runners:
-            out = r["run"](r["feeds"][check_b][0])
-            if ref_out is not None and r is not ref_runner:
-                diffs[f"{r['model']}@{r['provider']}"] = float(np.max(np.abs(np.asarray(out) - ref_out)))
-            for b in batches:
-                for i in range(max(1, warmup) if b < 1024 else 1):
-                    r["run"](r["feeds"][b][i % len(r["feeds"][b])])
+        diffs = _check_and_warm(runners, batches, check_b, warmup)
         log.info("inproc: warmed up %d model(s) x %d batch size(s); timing %.1fs per cell in %d rounds",
                  len(runners), len(batches), seconds, rounds)
-
-        times: dict[tuple[int, int], list[float]] = {(i, b): [] for i in range(len(runners)) for b in batches}
-        cpu_s: dict[tuple[int, int], float] = dict.fromkeys(times, 0.0)
-        wall_s: dict[tuple[int, int], float] = dict.fromkeys(times, 0.0)
-        burst = seconds / rounds
-        for rnd in range(rounds):
-            for b in batches:
-                order = list(range(len(runners)))
-                order = order[rnd % len(order):] + order[:rnd % len(order)]
-                for i in order:
-                    run, fl = runners[i]["run"], runners[i]["feeds"][b]
-                    ts = times[(i, b)]
-                    k = len(ts)
-                    c0, w0 = time.process_time(), time.perf_counter()
-                    end = w0 + burst
-                    while True:
-                        f = fl[k % len(fl)]
-                        t0 = time.perf_counter()
-                        run(f)
-                        t1 = time.perf_counter()
-                        ts.append(t1 - t0)
-                        k += 1
-                        if t1 >= end:
-                            break
-                    cpu_s[(i, b)] += time.process_time() - c0
-                    wall_s[(i, b)] += time.perf_counter() - w0
-            log.info("inproc: round %d/%d done", rnd + 1, rounds)
-
-        cells = []
-        for (i, b), ts in times.items():
-            r = runners[i]
-            cells.append({"model": r["model"], "runtime": r["runtime"], "provider": r["provider"],
-                          "provider_actual": r["provider_actual"], "batch": b, **_stats(ts, b),
-                          "cpu_per_wall": cpu_s[(i, b)] / wall_s[(i, b)] if wall_s[(i, b)] else None})
-        tf_p50 = {c["batch"]: c["p50_ms"] for c in cells if c["runtime"] == "tensorflow"}
-        speedup: dict[str, dict[str, float]] = {}
-        for c in cells:
-            c["speedup_vs_tf"] = tf_p50[c["batch"]] / c["p50_ms"] if c["batch"] in tf_p50 else None
-            if c["runtime"] == "onnxruntime" and c["speedup_vs_tf"] is not None and c["provider"] == "cpu":
-                speedup.setdefault(c["model"], {})[str(c["batch"])] = c["speedup_vs_tf"]
-        cells.sort(key=lambda c: (model_order(c["model"]), c["provider"], c["batch"]))
-        for c in cells:
-            log.info("inproc: %-17s %-4s batch %5d  p50 %9.3f ms  p99 %9.3f ms  %12s rows/s  (%d calls)",
-                     c["model"], c["provider"], c["batch"], c["p50_ms"], c["p99_ms"], f"{c['rows_per_s']:,.0f}",
-                     c["runs"])
+        cells, speedup = _cells(runners, *_timed_rounds(runners, batches, seconds, rounds))
     finally:
         workdir.cleanup()
 
@@ -334,6 +221,166 @@ def inproc_latency(repository: str | os.PathLike[str], trained_dir: str | os.Pat
         "skipped": skipped,
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _checked(batches: Sequence[int], seconds: float, threads: int, rounds: int, warmup: int,
+             providers: Sequence[str]) -> list[int]:
+    """The sorted distinct batch sizes.  Raises :class:`ConfigError` for any setting out of range."""
+    out = sorted({int(b) for b in batches})
+    if not out or out[0] < 1:
+        raise ConfigError(f"inproc: batch sizes must be >= 1, got {list(batches)}")
+    if not seconds > 0 or threads < 1 or rounds < 1 or warmup < 0:
+        raise ConfigError(f"inproc: need seconds > 0, threads >= 1, rounds >= 1, warmup >= 0; got "
+                          f"seconds={seconds}, threads={threads}, rounds={rounds}, warmup={warmup}")
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise ConfigError(f"inproc: unknown provider(s) {unknown}; expected some of {list(PROVIDERS)}")
+    return out
+
+
+def _runners(repository: Any, trained_dir: Any, data_path: str, models: Sequence[str] | None,
+             providers: Sequence[str], threads: int, workdir: str) -> tuple[list[dict[str, Any]], list[str], dict]:
+    """One runner per (model, provider) that can be timed: ``(runners, skipped lines, TensorFlow info)``.
+
+    A runner is ``{model, runtime, provider, provider_actual, run, spec}``.
+
+    Raises:
+        ConfigError: an unknown model name, or nothing to time.
+    """
+    import onnxruntime as ort
+
+    repo_models = repository_models(repository)
+    available = ([FULL_MODEL] if trained_dir is not None else []) + [m["name"] for m in repo_models]
+    wanted = list(models) if models is not None else available
+    missing = [m for m in wanted if m not in available]
+    if missing:
+        raise ConfigError(f"inproc: unknown model(s) {missing}; available: {available}")
+    skipped: list[str] = []
+    runners: list[dict[str, Any]] = []
+    tf_info: dict[str, Any] = {"skipped": "no trained artifact given"} if trained_dir is None else {}
+    if FULL_MODEL in wanted:
+        log.info("inproc: exporting the full model to a SavedModel and loading its serving signature")
+        run, tf_info = _tf_runner(trained_dir, threads, workdir)
+        if run is None:
+            skipped.append(f"{FULL_MODEL}: {tf_info['skipped']}")
+            log.info("inproc: skipping %s: %s", FULL_MODEL, tf_info["skipped"])
+        else:
+            spec = FeatureSpec.load(str(Path(trained_dir) / "feature_spec.json"))
+            runners.append({"model": FULL_MODEL, "runtime": "tensorflow", "provider": "cpu",
+                            "provider_actual": "tensorflow CPU", "run": run, "spec": spec})
+    have_ort = ort.get_available_providers()
+    for m in repo_models:
+        if m["name"] not in wanted:
+            continue
+        for provider in providers:
+            if PROVIDERS[provider] not in have_ort:
+                line = (f"{m['name']} on {provider}: ONNX Runtime {ort.__version__} has no "
+                        f"{PROVIDERS[provider]} (available: {', '.join(have_ort)})")
+                if line not in skipped:
+                    skipped.append(line)
+                    log.info("inproc: skipping %s", line)
+                continue
+            sess, actual = _ort_session(m["path"], provider, threads)
+            if actual[0] != PROVIDERS[provider]:
+                skipped.append(f"{m['name']} on {provider}: the session runs on {actual} instead")
+                log.info("inproc: skipping %s", skipped[-1])
+                continue
+            meta = sess.get_modelmeta().custom_metadata_map
+            spec = FeatureSpec.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else resolve_spec(data_path)
+
+            def run(feeds: dict[str, np.ndarray], _s: Any = sess) -> np.ndarray:
+                return _s.run([OUTPUT_CTR], feeds)[0]
+
+            runners.append({"model": m["name"], "runtime": "onnxruntime", "provider": provider,
+                            "provider_actual": actual[0], "run": run, "spec": spec})
+    if not runners:
+        raise ConfigError(f"inproc: nothing to time ({'; '.join(skipped) or 'no models'})")
+    return runners, skipped, tf_info
+
+
+def _attach_feeds(runners: list[dict[str, Any]], data_path: str, batches: Sequence[int]) -> dict[str, Any]:
+    """Give every runner its feeds (read once per distinct FeatureSpec); returns what was read."""
+    cache: dict[str, tuple[dict[int, list], dict[str, Any]]] = {}
+    rows_info: dict[str, Any] = {}
+    for r in runners:
+        key = r["spec"].to_json()
+        if key not in cache:
+            cache[key] = _feeds_for(r["spec"], data_path, batches)
+        r["feeds"], rows_info = cache[key]
+    return rows_info
+
+
+def _check_and_warm(runners: list[dict[str, Any]], batches: Sequence[int], check_b: int,
+                    warmup: int) -> dict[str, float]:
+    """Each model's max |difference| from TensorFlow on one batch, then ``warmup`` calls per batch size."""
+    ref_runner = next((r for r in runners if r["runtime"] == "tensorflow"), None)
+    ref_out = ref_runner["run"](ref_runner["feeds"][check_b][0]) if ref_runner else None
+    diffs: dict[str, float] = {}
+    for r in runners:
+        out = r["run"](r["feeds"][check_b][0])
+        if ref_out is not None and r is not ref_runner:
+            diffs[f"{r['model']}@{r['provider']}"] = float(np.max(np.abs(np.asarray(out) - ref_out)))
+        for b in batches:
+            for i in range(max(1, warmup) if b < 1024 else 1):
+                r["run"](r["feeds"][b][i % len(r["feeds"][b])])
+    return diffs
+
+
+def _timed_rounds(runners: list[dict[str, Any]], batches: Sequence[int], seconds: float,
+                  rounds: int) -> tuple[dict, dict, dict]:
+    """Interleaved bursts (the starting model rotates per round): ``(call times, CPU s, wall s)`` per cell."""
+    times: dict[tuple[int, int], list[float]] = {(i, b): [] for i in range(len(runners)) for b in batches}
+    cpu_s: dict[tuple[int, int], float] = dict.fromkeys(times, 0.0)
+    wall_s: dict[tuple[int, int], float] = dict.fromkeys(times, 0.0)
+    burst = seconds / rounds
+    for rnd in range(rounds):
+        for b in batches:
+            order = list(range(len(runners)))
+            order = order[rnd % len(order):] + order[:rnd % len(order)]
+            for i in order:
+                c0, w0 = time.process_time(), time.perf_counter()
+                _burst(runners[i]["run"], runners[i]["feeds"][b], times[(i, b)], w0 + burst)
+                cpu_s[(i, b)] += time.process_time() - c0
+                wall_s[(i, b)] += time.perf_counter() - w0
+        log.info("inproc: round %d/%d done", rnd + 1, rounds)
+    return times, cpu_s, wall_s
+
+
+def _burst(run: Runner, feeds: list[dict[str, np.ndarray]], ts: list[float], end: float) -> None:
+    """Call ``run`` on the feeds in turn until ``end`` (at least once), appending each call's seconds to ``ts``."""
+    k = len(ts)
+    while True:
+        f = feeds[k % len(feeds)]
+        t0 = time.perf_counter()
+        run(f)
+        t1 = time.perf_counter()
+        ts.append(t1 - t0)
+        k += 1
+        if t1 >= end:
+            break
+
+
+def _cells(runners: list[dict[str, Any]], times: dict, cpu_s: dict,
+           wall_s: dict) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Per-cell statistics and speed-ups against TensorFlow: ``(cells in table order, {model: {batch: x}})``."""
+    cells = []
+    for (i, b), ts in times.items():
+        r = runners[i]
+        cells.append({"model": r["model"], "runtime": r["runtime"], "provider": r["provider"],
+                      "provider_actual": r["provider_actual"], "batch": b, **_stats(ts, b),
+                      "cpu_per_wall": cpu_s[(i, b)] / wall_s[(i, b)] if wall_s[(i, b)] else None})
+    tf_p50 = {c["batch"]: c["p50_ms"] for c in cells if c["runtime"] == "tensorflow"}
+    speedup: dict[str, dict[str, float]] = {}
+    for c in cells:
+        c["speedup_vs_tf"] = tf_p50[c["batch"]] / c["p50_ms"] if c["batch"] in tf_p50 else None
+        if c["runtime"] == "onnxruntime" and c["speedup_vs_tf"] is not None and c["provider"] == "cpu":
+            speedup.setdefault(c["model"], {})[str(c["batch"])] = c["speedup_vs_tf"]
+    cells.sort(key=lambda c: (model_order(c["model"]), c["provider"], c["batch"]))
+    for c in cells:
+        log.info("inproc: %-17s %-4s batch %5d  p50 %9.3f ms  p99 %9.3f ms  %12s rows/s  (%d calls)",
+                 c["model"], c["provider"], c["batch"], c["p50_ms"], c["p99_ms"], f"{c['rows_per_s']:,.0f}",
+                 c["runs"])
+    return cells, speedup
 
 
 def inproc_latency_isolated(repository: str | os.PathLike[str], trained_dir: str | os.PathLike[str] | None,

@@ -21,6 +21,7 @@ import numpy as np
 
 from ctredge.export.validate import cpu_session, random_feeds
 from ctredge.features import FeatureSpec, METADATA_KEY
+from ctredge.layout import RepositoryLayout
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -43,14 +44,17 @@ def cpu_flags() -> dict[str, Any]:
 
 
 def measure(repo: Path, batches: list[int], seconds: float, rounds: int = 5) -> list[dict[str, Any]]:
-    """p50/p99 milliseconds and rows/s per (model, batch) over interleaved rounds."""
-    models = sorted(p for p in repo.glob("*/*/model.onnx"))
+    """p50/p99 milliseconds and rows/s per (model, batch) over interleaved rounds (each model's latest version).
+
+    Raises:
+        ArtifactError: the repository folder does not exist.
+    """
     sessions = {}
-    for path in models:
-        sess = cpu_session(str(path))
+    for entry in RepositoryLayout(repo).latest_models():
+        sess = cpu_session(entry.path)
         meta = sess.get_modelmeta().custom_metadata_map
         spec = FeatureSpec.from_json(meta[METADATA_KEY])
-        sessions[path.parent.parent.name] = (sess, spec)
+        sessions[entry.name] = (sess, spec)
     times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in sessions for b in batches}
     feeds = {(m, b): random_feeds(spec, b, seed=b) for m, (_, spec) in sessions.items() for b in batches}
     for (m, b), f in feeds.items():  # warm-up

@@ -321,18 +321,19 @@ def model_bytes(repository: str | os.PathLike[str], model: str, version: int | N
     Raises:
         CtrEdgeError: no such model or version folder.
     """
-    root = Path(repository) / model
-    versions = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    from ctredge.layout import RepositoryLayout
+
+    layout = RepositoryLayout(repository)
+    versions = layout.versions(model)
     if not versions:
-        raise CtrEdgeError(f"{root}: expected a model folder with version folders (REPO/<model>/<version>/model.onnx)")
+        raise CtrEdgeError(f"{layout.model_dir(model)}: expected a model folder with version folders "
+                           f"(REPO/<model>/<version>/model.onnx)")
     v = versions[-1] if version is None else int(version)
-    folder = root / str(v)
-    if not folder.is_dir():
-        raise CtrEdgeError(f"{root}: no version {v}; it has {versions}")
-    onnx_file = folder / "model.onnx"
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    if v not in versions:
+        raise CtrEdgeError(f"{layout.model_dir(model)}: no version {v}; it has {versions}")
+    onnx_file = layout.model_path(model, v)
     return {"version": v, "onnx_bytes": onnx_file.stat().st_size if onnx_file.is_file() else None,
-            "folder_bytes": sum(p.stat().st_size for p in files)}
+            "folder_bytes": layout.version_bytes(model, v, with_manifest=True)}
 
 
 def footprint(repository: str | os.PathLike[str], model: str, request: bytes, *, n_requests: int = 200,

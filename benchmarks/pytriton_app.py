@@ -61,7 +61,11 @@ class AppError(Exception):
 
 
 def session_options(intra_op_threads: int = 1) -> Any:
-    """ctredge's serving ``SessionOptions`` (``serve/runtime.py``), rebuilt here because ctredge is not importable."""
+    """ctredge's ``SessionOptions``, a copy of :func:`ctredge.onnxrt.ort_session_options`'s defaults.
+
+    This app runs in PyTriton's own virtual environment, where ctredge is not
+    installed, so it cannot import the factory; keep the two in step.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -21,11 +21,6 @@ import numpy as np
 
 from ctredge.errors import ConfigError
 
-#: ONNX tensor type strings (as ONNX Runtime reports them) -> numpy dtypes.
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-              "tensor(double)": np.float64, "tensor(float16)": np.float16}
-
-
 def model_inputs(model: Any) -> dict[str, tuple[np.dtype, int]]:
     """``{name: (numpy dtype, rank)}`` of an ONNX model's graph inputs (initializers excluded).
 

@@ -58,18 +58,20 @@ from typing import Any, Iterator
 import keras
 import numpy as np
 
-from ctredge import metrics as M
-from ctredge.artifacts import sha256_file, staged_dir, write_manifest
-from ctredge.config import config_to_dict, load_config, save_config
+from ctredge.artifacts import staged_dir, write_manifest
+from ctredge.config import config_to_dict, save_config
+from ctredge.dataplan import DataPlan, HeldOut
 from ctredge.errors import ArtifactError, ConfigError, DataError
 from ctredge.features import INPUT_CAT, INPUT_HIST, FeatureSpec
-from ctredge.reader import Batch, SplitSpec, iter_batches
+from ctredge.reader import Batch
+from ctredge.compress.magnitude import (  # noqa: F401  (re-exported: the pruning API in one place)
+    MIN_PRUNABLE, MagnitudePruning, magnitude_mask, polynomial_sparsity, prunable_weights, sparsity_of,
+)
 from ctredge.train import layers as L
 
 log = logging.getLogger("ctredge.compress")
 
 PRUNE_CONFIG_FILE = "prune_config.json"
-MIN_PRUNABLE = 100  # kernels with fewer weights are left dense: the target is reachable within 0.5/n
 
 
 @dataclass(frozen=True)
@@ -141,35 +143,6 @@ def _check_fraction(name: str, value: Any) -> None:
     _check_number(name, value, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
-# ---------------------------------------------------------------------- schedule and masks
-def polynomial_sparsity(step: int, target: float, begin: int, end: int, initial: float = 0.0) -> float:
-    """Zhu & Gupta's sparsity at optimizer step ``step``.
-
-    ``initial`` before ``begin``, ``target`` from ``end`` on, and in between
-    ``target + (initial - target) * (1 - (step - begin) / (end - begin))**3``.
-    """
-    if step <= begin:
-        return float(initial)
-    if step >= end:
-        return float(target)
-    frac = (step - begin) / (end - begin)
-    return float(target + (initial - target) * (1.0 - frac) ** 3)
-
-
-def magnitude_mask(weights: np.ndarray, sparsity: float) -> np.ndarray:
-    """Keep-mask (same shape, bool) zeroing exactly ``round(sparsity * n)`` smallest ``|w|``.
-
-    Equivalent to ``|w| >= threshold`` with the threshold at that order
-    statistic, but exact under ties (many exact zeros after earlier masks).
-    """
-    flat = np.abs(np.asarray(weights)).reshape(-1)
-    k = int(round(sparsity * flat.size))
-    keep = np.ones(flat.size, dtype=bool)
-    if k > 0:
-        keep[np.argpartition(flat, k - 1, kind="introselect")[:k]] = False
-    return keep.reshape(np.shape(weights))
-
-
 # ---------------------------------------------------------------------- vocabulary
 def count_rows(batches: Iterator[Batch], spec: FeatureSpec) -> tuple[np.ndarray, int]:
     """How often each global embedding row is used: ``(counts [total_buckets], rows read)``.
@@ -231,13 +204,6 @@ def unit_scores(w_in: np.ndarray, b_in: np.ndarray, w_out: np.ndarray) -> np.nda
     return incoming * np.linalg.norm(w_out, axis=1)
 
 
-def _mlp_chain(cfg: Any) -> tuple[str, tuple[int, ...], str, str]:
-    """``(config field, units, layer prefix, next layer after the last)`` of the deep MLP."""
-    if cfg.model == "seed":
-        return "seed_mlp", cfg.seed_mlp, "seed", "logit"
-    return "mlp_units", cfg.mlp_units, "deep", "logit" if cfg.model == "dcnv2" else "deep_logit"
-
-
 def _new_cross_rank(old_rank: int, dim: int, cfg: PruneConfig) -> int:
     if cfg.cross_rank:
         return cfg.cross_rank
@@ -279,7 +245,7 @@ def shrink(model: Any, spec: FeatureSpec, model_cfg: Any, cfg: PruneConfig,
         ArtifactError: the model does not have the layers its ModelConfig describes.
         ConfigError: ``vocab_min_count`` > 0 without counts.
     """
-    from ctredge.train.models import build_model
+    from ctredge.train.models import CROSS_LAYER, build_model, mlp_chain
 
     changes: dict[str, Any] = {}
     report: dict[str, Any] = {}
@@ -299,11 +265,12 @@ def shrink(model: Any, spec: FeatureSpec, model_cfg: Any, cfg: PruneConfig,
             int(kept.size) if kept is not None else spec.total_buckets)
         report["vocab_rows"] = {"before": before_rows, "after": after_rows, "buckets": spec.total_buckets}
 
-    field, units, prefix, last = _mlp_chain(model_cfg)
+    mlp = mlp_chain(model_cfg)
+    field, units = mlp.field, mlp.units
     keeps: list[np.ndarray] = []
     for i, u in enumerate(units):
-        layer = _layer(model, f"{prefix}_dense_{i}")
-        nxt = _layer(model, f"{prefix}_dense_{i + 1}" if i + 1 < len(units) else last)
+        layer = _layer(model, mlp.hidden[i])
+        nxt = _layer(model, mlp.hidden[i + 1] if i + 1 < len(units) else mlp.next_layer)
         w_in, b_in = layer.get_weights()
         if keeps:
             w_in = w_in[keeps[-1]]
@@ -314,15 +281,15 @@ def shrink(model: Any, spec: FeatureSpec, model_cfg: Any, cfg: PruneConfig,
     report["units"] = {"before": list(units), "after": list(changes[field])}
 
     if model_cfg.model == "dcnv2" and model_cfg.cross_layers:
-        dim = int(_layer(model, "cross_0").bias.shape[0])
+        dim = int(_layer(model, CROSS_LAYER.format(0)).bias.shape[0])
         changes["cross_rank"] = _new_cross_rank(model_cfg.cross_rank, dim, cfg)
         report["cross_rank"] = {"before": model_cfg.cross_rank, "after": changes["cross_rank"], "width": dim}
 
     new_cfg = dataclasses.replace(model_cfg, **changes)
     new_model = build_model(spec, new_cfg)
-    chain = {f"{prefix}_dense_{i}": i for i in range(len(units))}
+    chain = {name: i for i, name in enumerate(mlp.hidden)}
     if units:
-        chain[last] = len(units)
+        chain[mlp.next_layer] = len(units)
     for layer in model.layers:
         if not layer.weights:
             continue
@@ -360,186 +327,6 @@ def _layer(model: Any, name: str) -> Any:
         raise ArtifactError(f"the model has no layer {name!r} although its ModelConfig implies one") from exc
 
 
-# ---------------------------------------------------------------------- unstructured
-def prunable_weights(model: Any, min_size: int = MIN_PRUNABLE) -> list[Any]:
-    """The kernels unstructured pruning acts on.
-
-    Dense and Conv1D ``kernel``, CrossLayer ``kernel``/``v``/``u`` and
-    TargetAttention ``kernel_i`` with at least ``min_size`` weights; never
-    embeddings, biases or the dense transform.
-    """
-    kinds = (keras.layers.Dense, keras.layers.Conv1D, L.CrossLayer, L.TargetAttention)
-    out = []
-    for layer in model.layers:
-        if not isinstance(layer, kinds):
-            continue
-        for w in layer.trainable_weights:
-            name = w.name
-            if (name in ("kernel", "v", "u") or name.startswith("kernel_")) and int(np.prod(w.shape)) >= min_size:
-                out.append(w)
-    return out
-
-
-def sparsity_of(weights: list[Any]) -> dict[str, float]:
-    """Fraction of exact zeros of each weight, keyed by its path (``layer/name``)."""
-    return {w.path: float(np.mean(w.numpy() == 0)) for w in weights}
-
-
-class _Mask:
-    """A variable constraint multiplying by a (mutable) mask after each optimizer step."""
-
-    def __init__(self, mask: Any) -> None:
-        self.mask = mask
-
-    def __call__(self, w: Any) -> Any:
-        return keras.ops.multiply(w, self.mask)
-
-
-class MagnitudePruning(keras.callbacks.Callback):
-    """Gradual magnitude pruning of ``weights`` to ``target`` sparsity (Zhu & Gupta 2017).
-
-    Takes the variables, the final sparsity and the schedule (``begin``, ``end``,
-    ``frequency`` in optimizer steps).  Call :meth:`attach` before ``fit`` (masks
-    become variable constraints, applied after every step), :meth:`finalize` after
-    it (target masks applied, if the ramp did not finish) and :meth:`detach`.
-    ``done`` is True once the final sparsity is in force.
-    """
-
-    def __init__(self, weights: list[Any], target: float, begin: int, end: int, frequency: int) -> None:
-        super().__init__()
-        self.targets = list(weights)
-        self.target, self.begin, self.end, self.frequency = float(target), int(begin), int(end), int(frequency)
-        self.masks = [keras.Variable(np.ones(w.shape, dtype="float32"), trainable=False, dtype=w.dtype)
-                      for w in self.targets]
-        self.step = 0
-        self.current = 0.0
-        self.done = self.target == 0.0 or not self.targets
-
-    def attach(self) -> None:
-        for w, m in zip(self.targets, self.masks):
-            w.constraint = _Mask(m)
-
-    def detach(self) -> None:
-        for w in self.targets:
-            w.constraint = None
-
-    def update(self, sparsity: float) -> None:
-        """Recompute every mask at ``sparsity`` and zero the pruned weights."""
-        for w, m in zip(self.targets, self.masks):
-            value = w.numpy()
-            keep = magnitude_mask(value, sparsity).astype(value.dtype)
-            m.assign(keep)
-            w.assign(value * keep)
-        self.current = sparsity
-
-    def apply(self) -> None:
-        """Multiply every weight by its current mask (after restoring weights)."""
-        for w, m in zip(self.targets, self.masks):
-            w.assign(w.numpy() * m.numpy())
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.step += 1
-        if self.done or self.step < self.begin:
-            return
-        if self.step >= self.end:
-            self.update(self.target)
-            self.done = True
-        elif (self.step - self.begin) % self.frequency == 0:
-            self.update(polynomial_sparsity(self.step, self.target, self.begin, self.end))
-
-    def finalize(self) -> None:
-        if not self.done:
-            self.update(self.target)
-            self.done = True
-        self.apply()
-
-
-class _BestOnValid(keras.callbacks.Callback):
-    """Exact validation AUC every epoch; keeps the best weights once pruning is at its target."""
-
-    def __init__(self, valid: Batch, pruning: MagnitudePruning, patience: int, verbose: int) -> None:
-        super().__init__()
-        self.valid, self.pruning, self.patience, self.verbose = valid, pruning, patience, verbose
-        self.aucs: list[float] = []
-        self.best = -np.inf
-        self.best_epoch = 0
-        self.best_weights: list[np.ndarray] | None = None
-        self.wait = 0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        from ctredge.train.train import predict
-
-        a = M.auc(self.valid.labels, predict(self.model, self.valid.feeds))
-        self.aucs.append(round(a, 6))
-        if logs is not None:
-            logs["val_auc_exact"] = a
-        eligible = self.pruning.done
-        _say(self.verbose, f"epoch {epoch + 1}: valid AUC {a:.5f} at sparsity {self.pruning.current:.3f}"
-                           + ("" if eligible else " (schedule still ramping)"))
-        if not eligible:
-            return
-        if a > self.best:
-            self.best, self.best_epoch, self.wait = a, epoch + 1, 0
-            self.best_weights = self.model.get_weights()
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
-            self.model.stop_training = True
-
-
-# ---------------------------------------------------------------------- data
-def _plan_for(manifest: dict[str, Any], override: tuple[str, ...]) -> dict[str, Any]:
-    """The parent's data plan, its files checked by sha256 (with ``override`` swapped in).
-
-    Raises:
-        ArtifactError: the manifest records no data plan.
-        DataError: a file is missing or its content changed since training, or
-            ``override`` has a different number of files than the training part.
-    """
-    data = manifest.get("data") or {}
-    if "parts" not in data:
-        raise ArtifactError("the trained artifact's manifest records no data plan (data.parts)")
-    plan = {"parts": {k: dict(v) for k, v in data["parts"].items()}, "split": data.get("split")}
-    recorded = {f["path"]: f for f in data.get("files", [])}
-    old_train = list(plan["parts"]["train"]["paths"])
-    mapping = {p: p for part in plan["parts"].values() for p in part["paths"]}
-    if override:
-        if len(override) != len(old_train):
-            raise DataError(f"prune: data: the training part had {len(old_train)} file(s) {old_train}, "
-                            f"got {len(override)}: {list(override)}")
-        mapping.update(zip(old_train, override))
-        for part in plan["parts"].values():
-            part["paths"] = [mapping[p] for p in part["paths"]]
-    files = []
-    for old, new in sorted(mapping.items(), key=lambda kv: kv[1]):
-        info = recorded.get(os.path.abspath(old)) or recorded.get(old)
-        if not os.path.isfile(new):
-            raise DataError(f"data file {new} is missing; pass PruneConfig(data=...) if it moved")
-        digest = sha256_file(new)
-        if info is not None and digest != info.get("sha256"):
-            raise DataError(f"data file {new} changed since training (sha256 {digest[:12]}..., recorded "
-                            f"{str(info.get('sha256'))[:12]}...): the held-out rows would differ")
-        files.append({"path": os.path.abspath(new), "sha256": digest, "bytes": os.path.getsize(new)})
-    return {"files": files, **plan}
-
-
-def _part_source(plan: dict[str, Any], part: str) -> tuple[list[str], SplitSpec | None, str | None]:
-    info, split = plan["parts"][part], plan.get("split")
-    if split and info["split_part"]:
-        return list(info["paths"]), SplitSpec(**split), info["split_part"]
-    return list(info["paths"]), None, None
-
-
-def _scores(model: Any, valid: Batch, test: Batch) -> dict[str, float]:
-    from ctredge.train.train import predict
-
-    t = M.summary(test.labels, predict(model, test.feeds))
-    pv = predict(model, valid.feeds)
-    return {"test_auc": t["auc"], "test_logloss": t["logloss"], "test_calibration": t["calibration"],
-            "test_normalized_entropy": t["normalized_entropy"],
-            "valid_auc": M.auc(valid.labels, pv), "valid_logloss": M.logloss(valid.labels, pv)}
-
-
 def _say(verbose: int, message: str) -> None:
     log.info(message)
     if verbose:
@@ -552,56 +339,78 @@ def prune(trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     """Prune a trained artifact into a fine-tuned, smaller ``prune`` artifact at ``out_dir``.
 
     Takes the ``train`` (or ``prune``) artifact folder, the output folder and a
-    :class:`PruneConfig`.  Returns the manifest written; its ``metrics`` hold the
-    test/valid scores after pruning (``before`` for the parent's, on the same
-    rows) and ``extra`` the parameter counts, sparsity per kernel, embedding rows
-    and kept units/ranks.  Nothing is written when anything fails.
+    :class:`PruneConfig`; loads the model and reads the rows of its data plan
+    (checked by sha256; ``cfg.data`` gives the training files a new place), then
+    runs :func:`prune_trained`.  Returns the manifest written.
 
     Raises:
         ConfigError: ``cfg`` is not a PruneConfig, or ``out_dir`` is the parent.
-        ArtifactError: the parent fails verification (changed, missing files) or
-            its model does not match its model_config.json.
+        ArtifactError: the parent fails verification (changed, missing files),
+            records no data plan, or its model does not match its model_config.json.
         DataError: the recorded data files are missing or changed, or a part is empty.
     """
-    from ctredge.train.data import Source, train_dataset
-    from ctredge.train.models import ModelConfig, model_summary
-    from ctredge.train.train import (MODEL_CONFIG_FILE, MODEL_FILE, SPEC_FILE, TRAIN_CONFIG_FILE, TrainConfig,
-                                     load_trained, read_part, read_parts)
+    from ctredge.train.train import TrainedModel
 
+    cfg = _check_config(cfg, trained_dir, out_dir)
+    trained = TrainedModel.load(trained_dir)
+    plan, held = trained.read_rows(cfg.data)
+    return prune_trained(trained, plan, held, out_dir, cfg)[0]
+
+
+def _check_config(cfg: PruneConfig | None, trained_dir: Any, out_dir: Any) -> PruneConfig:
     cfg = PruneConfig() if cfg is None else cfg
     if not isinstance(cfg, PruneConfig):
         raise ConfigError(f"prune: expected a PruneConfig, got {type(cfg).__name__}")
     if Path(out_dir).resolve() == Path(trained_dir).resolve():
         raise ConfigError(f"prune: out_dir must differ from the trained artifact, got {out_dir} for both")
-    t_start = time.perf_counter()
-    model, spec, manifest = load_trained(trained_dir)
-    model_cfg = load_config(ModelConfig, Path(trained_dir) / MODEL_CONFIG_FILE)
-    train_cfg = load_config(TrainConfig, Path(trained_dir) / TRAIN_CONFIG_FILE)
-    plan = _plan_for(manifest, cfg.data)
-    keras.utils.set_random_seed(cfg.seed)
+    return cfg
 
+
+def _train_rows(plan: DataPlan, held: HeldOut, spec: FeatureSpec, skip: bool) -> tuple[Any, np.ndarray, int]:
+    """``(rows for train_dataset, embedding-row counts, number of train rows)``, streamed or in memory."""
+    from ctredge.train.data import Source
+
+    if held.streamed:
+        counts, n_train = count_rows(plan.iter_part("train", spec, skip_bad_rows=skip), spec)
+        return Source(*plan.source("train")), counts, n_train
+    counts, n_train = count_rows(iter([held.train]), spec)  # type: ignore[list-item]
+    return held.train, counts, n_train
+
+
+def prune_trained(trained: Any, plan: DataPlan, held: HeldOut, out_dir: str | os.PathLike[str],
+                  cfg: PruneConfig) -> tuple[dict[str, Any], Any]:
+    """Prune an artifact already in memory (:class:`ctredge.train.train.TrainedModel`) on rows already read.
+
+    Takes the trained artifact, its verified data plan, the rows of that plan
+    (:meth:`DataPlan.read_held_out`), the output folder and the config.  The
+    trained model is read, never changed.  Returns ``(manifest written, pruned
+    Keras model)``; the manifest's ``metrics`` hold the test/valid scores after
+    pruning (``before``: the parent's, on the same rows) and ``extra`` the
+    parameter counts, sparsity per kernel, embedding rows and kept units/ranks.
+    Nothing is written when anything fails.
+
+    Raises:
+        ArtifactError: the model does not match its model_config.json.
+        DataError: the train part has no rows.
+    """
+    from ctredge.train.data import train_dataset
+    from ctredge.train.loop import compile_ctr, fit, score
+    from ctredge.train.models import model_summary
+    from ctredge.train.train import MODEL_CONFIG_FILE, MODEL_FILE, SPEC_FILE, TRAIN_CONFIG_FILE
+
+    t_start = time.perf_counter()
+    keras.utils.set_random_seed(cfg.seed)
+    spec, train_cfg, valid, test = trained.spec, trained.train_config, held.valid, held.test
     skip = train_cfg.skip_bad_rows
-    paths, split, part = _part_source(plan, "train")
-    rows: Any
-    if sum(os.path.getsize(p) for p in paths) > train_cfg.max_memory_bytes:  # streamed, as train() does
-        valid = read_part(plan, "valid", spec, skip_bad_rows=skip)
-        test = read_part(plan, "test", spec, skip_bad_rows=skip)
-        rows = Source(paths, split, part)
-        counts, n_train = count_rows(iter_batches(paths, spec, skip_bad_rows=skip, split=split, part=part), spec)
-    else:
-        parts = read_parts(plan, spec, skip_bad_rows=skip)
-        rows, valid, test = parts["train"], parts["valid"], parts["test"]
-        counts, n_train = count_rows(iter([rows]), spec)
-    for name, n in (("train", n_train), ("valid", len(valid)), ("test", len(test))):
-        if not n:
-            raise DataError(f"the {name} part of the recorded data plan has no rows")
+    rows, counts, n_train = _train_rows(plan, held, spec, skip)
+    if not n_train:
+        raise DataError("the train part of the recorded data plan has no rows")
     _say(cfg.verbose, f"rows: train {n_train}, valid {len(valid)}, test {len(test)}")
 
-    before = _scores(model, valid, test)
-    params_before = model_summary(model)
-    new_model, new_cfg, report = shrink(model, spec, model_cfg, cfg, counts)
-    del model
-    after_shrink = _scores(new_model, valid, test)["valid_auc"]
+    before = score(trained.model, valid, test)
+    params_before = model_summary(trained.model)
+    new_model, new_cfg, report = shrink(trained.model, spec, trained.model_config, cfg, counts)
+    after_shrink = score(new_model, valid, test)["valid_auc"]
     _say(cfg.verbose, f"vocabulary/structured pruning: params {params_before['total']:,} -> "
                       f"{model_summary(new_model)['total']:,}, valid AUC {before['valid_auc']:.5f} -> "
                       f"{after_shrink:.5f} before fine-tuning")
@@ -611,27 +420,28 @@ def prune(trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     end = cfg.end_step if cfg.end_step != -1 else max(cfg.begin_step + 1,
                                                       max(1, math.ceil(cfg.epochs / 2)) * steps_per_epoch)
     pruning = MagnitudePruning(targets, cfg.sparsity, cfg.begin_step, end, cfg.frequency)
-    best = _BestOnValid(valid, pruning, cfg.patience, cfg.verbose)
-    epochs_run = 0
+    epochs_run, best_epoch, aucs = 0, 0, []
     if cfg.epochs:
-        new_model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                          loss=keras.losses.BinaryCrossentropy(),
-                          metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)])
+        compile_ctr(new_model, cfg.learning_rate, logloss_metric=False)
         ds = train_dataset(rows, spec, batch_size=cfg.batch_size, seed=cfg.seed,
                            shuffle_rows=train_cfg.shuffle_rows, skip_bad_rows=skip)
         _say(cfg.verbose, f"fine-tuning {cfg.epochs} epoch(s), sparsity {cfg.sparsity} on {len(targets)} kernels "
                           f"(steps {cfg.begin_step}..{end}, every {cfg.frequency})")
+
+        def say(epoch: int, auc: float, logloss: float, eligible: bool) -> None:
+            _say(cfg.verbose, f"epoch {epoch}: valid AUC {auc:.5f} at sparsity {pruning.current:.3f}"
+                              + ("" if eligible else " (schedule still ramping)"))
+
         pruning.attach()
-        try:
-            hist = new_model.fit(ds, epochs=cfg.epochs, callbacks=[pruning, best], verbose=cfg.verbose)
+        try:  # the best weights are kept only once the schedule has reached its final sparsity
+            fitted = fit(new_model, ds, valid, epochs=cfg.epochs, patience=cfg.patience, verbose=cfg.verbose,
+                         callbacks=[pruning], eligible=lambda: pruning.done, say=say)
         finally:
             pruning.detach()
-        epochs_run = len(hist.history.get("loss", []))
-        if best.best_weights is not None:
-            new_model.set_weights(best.best_weights)
+        epochs_run, best_epoch, aucs = fitted.epochs, fitted.best_epoch, fitted.val_auc
     pruning.finalize()
     sparsity = sparsity_of(targets)
-    after = _scores(new_model, valid, test)
+    after = score(new_model, valid, test)
     params_after = model_summary(new_model)
     nonzero = params_after["total"] - sum(int(round(s * np.prod(w.shape))) for s, w in zip(sparsity.values(), targets))
     seconds = round(time.perf_counter() - t_start, 2)
@@ -640,8 +450,8 @@ def prune(trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
     metrics = {**after, "before": before, "valid_auc_after_structured": after_shrink,
                "delta_test_auc": after["test_auc"] - before["test_auc"],
-               "epochs": epochs_run, "best_epoch": best.best_epoch or epochs_run, "seconds": seconds,
-               "history": {"val_auc": best.aucs}}
+               "epochs": epochs_run, "best_epoch": best_epoch or epochs_run, "seconds": seconds,
+               "history": {"val_auc": aucs}}
     extra = {"model": new_cfg.model, "params": params_after, "params_before": params_before,
              "params_nonzero": nonzero, "sparsity": sparsity, "sparsity_target": cfg.sparsity,
              "vocab_rows": report.get("vocab_rows"), "units": report["units"],
@@ -649,17 +459,17 @@ def prune(trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     with staged_dir(out_dir) as tmp:
         new_model.save(tmp / MODEL_FILE)
         spec.save(str(tmp / SPEC_FILE))
-        shutil.copyfile(Path(trained_dir) / TRAIN_CONFIG_FILE, tmp / TRAIN_CONFIG_FILE)
+        shutil.copyfile(trained.folder / TRAIN_CONFIG_FILE, tmp / TRAIN_CONFIG_FILE)
         save_config(new_cfg, tmp / MODEL_CONFIG_FILE)
         save_config(cfg, tmp / PRUNE_CONFIG_FILE)
         written = write_manifest(
-            tmp, stage="prune", parent=trained_dir, metrics=metrics, data=plan, extra=extra,
+            tmp, stage="prune", parent=trained.folder, metrics=metrics, data=plan.to_manifest(), extra=extra,
             config={"prune": config_to_dict(cfg), "model": config_to_dict(new_cfg),
                     "train": config_to_dict(train_cfg)},
-            signature=manifest.get("signature", {}),
+            signature=trained.manifest.get("signature", {}),
         )
-    return written
+    return written, new_model
 
 
-__all__ = ["PruneConfig", "prune", "shrink", "polynomial_sparsity", "magnitude_mask", "count_rows",
+__all__ = ["PruneConfig", "prune", "prune_trained", "shrink", "polynomial_sparsity", "magnitude_mask", "count_rows",
            "vocab_remap", "unit_scores", "prunable_weights", "sparsity_of", "MagnitudePruning"]

@@ -5,7 +5,13 @@ From a trained artifact this builds the model repository the server reads::
     REPO/<name>/<version>/model.onnx   (+ manifest.json: parent, quantization, metrics)
     REPO/<name>/config.json            serving config (dynamic batching off where it changes answers)
     REPO/index.json                    {"models": [{name, version, source, quantization, size_bytes,
-                                        rss_bytes, test_auc, dauc, dauc_ci, within_budget, written}]}
+                                        rss_bytes, model_sha256, test_auc, test_logloss, ..., dauc,
+                                        dauc_ci, within_budget, written}],
+                                        "reference": {trained manifest hash, Keras figures, test rows,
+                                        bootstrap settings, budget}}
+
+(paths through :class:`ctredge.layout.RepositoryLayout`).  ``ctredge bench``
+takes the figures from ``index.json`` when it describes the same rows and files.
 
 =====================  ===============  =====================================
 name                   from             quantization
@@ -26,7 +32,6 @@ held-out test rows of the trained artifact's manifest, with a paired bootstrap
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -38,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ctredge import metrics as M
-from ctredge.artifacts import manifest_hash, read_manifest, staged_dir, write_manifest
+from ctredge.artifacts import manifest_hash, read_manifest, sha256_file, staged_dir, write_manifest
 from ctredge.config import config_to_dict
 from ctredge.errors import ConfigError
 from ctredge.features import METADATA_KEY
@@ -54,6 +59,8 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "ctr-pruned": ("pruned", None),
     "ctr-edge": ("pruned", "int8-static+emb-int4"),
 }
+#: the dAUC interval's confidence level
+BOOTSTRAP_CONFIDENCE = 0.95
 #: serving-config notes for variants whose answers depend on batch-mates
 NO_BATCHING = {
     "ctr-int8-dynamic": "dynamic int8 computes activation scales per batch, so a row's answer changes "
@@ -101,113 +108,162 @@ def _reusable(folder: Path, parent: str | os.PathLike[str]) -> bool:
     return (m.get("parent") or {}).get("manifest_sha256") == manifest_hash(parent)
 
 
-def _prepare_sources(trained_dir: Path, work: Path, cfg: CompressConfig, need_pruned: bool,
+def _prepare_sources(trained: Any, plan: Any, held: Any, work: Path, cfg: CompressConfig, need_pruned: bool,
                      force: bool) -> dict[str, Path]:
-    from ctredge.compress.prune import PruneConfig, prune
-    from ctredge.export.onnx import ExportConfig, export
+    """The ONNX exports the variants start from: the full model, and the pruned one when needed.
+
+    An export (or the pruned artifact) that verifies and was made from exactly
+    its parent is reused; otherwise it is made from the model in memory.
+    """
+    from ctredge.compress.prune import PruneConfig, prune_trained
+    from ctredge.export.onnx import ExportConfig, export, export_model
 
     sources = {"full": work / "export-full"}
-    if force or not _reusable(sources["full"], trained_dir):
+    if force or not _reusable(sources["full"], trained.folder):
         log.info("exporting the full model to ONNX")
-        export(trained_dir, sources["full"], ExportConfig(opset=cfg.opset, name="ctr-fp32"))
+        export_model(trained.model, trained.spec, trained.manifest, trained.folder, sources["full"],
+                     ExportConfig(opset=cfg.opset, name="ctr-fp32"))
     if need_pruned:
         pruned = work / "pruned"
-        if force or not _reusable(pruned, trained_dir):
+        pruned_model = None
+        if force or not _reusable(pruned, trained.folder):
             log.info("pruning (sparsity %.2f, structured %.2f, vocab min count %d)",
                      cfg.sparsity, cfg.structured, cfg.vocab_min_count)
-            prune(trained_dir, pruned, PruneConfig(sparsity=cfg.sparsity, structured=cfg.structured,
-                                                   vocab_min_count=cfg.vocab_min_count,
-                                                   epochs=cfg.prune_epochs, seed=cfg.seed,
-                                                   verbose=1 if sys.stdout.isatty() else 2))
+            pruned_manifest, pruned_model = prune_trained(
+                trained, plan, held, pruned, PruneConfig(sparsity=cfg.sparsity, structured=cfg.structured,
+                                                         vocab_min_count=cfg.vocab_min_count,
+                                                         epochs=cfg.prune_epochs, seed=cfg.seed,
+                                                         verbose=1 if sys.stdout.isatty() else 2))
         sources["pruned"] = work / "export-pruned"
-        if force or not _reusable(sources["pruned"], pruned):
+        if force or pruned_model is not None or not _reusable(sources["pruned"], pruned):
             log.info("exporting the pruned model to ONNX")
-            export(pruned, sources["pruned"], ExportConfig(opset=cfg.opset, name="ctr-pruned"))
+            pcfg = ExportConfig(opset=cfg.opset, name="ctr-pruned")
+            if pruned_model is None:
+                export(pruned, sources["pruned"], pcfg)
+            else:
+                export_model(pruned_model, trained.spec, pruned_manifest, pruned, sources["pruned"], pcfg)
     return sources
 
 
 def compress_all(trained_dir: str | os.PathLike[str], repo: str | os.PathLike[str],
                  cfg: CompressConfig | None = None, *, work_dir: str | os.PathLike[str] | None = None,
                  force: bool = False) -> dict[str, Any]:
-    """Build every variant of ``cfg.variants`` into the repository ``repo``.
+    """``ctredge compress all``: load a trained artifact and its rows, then :func:`compress_trained`.
 
     Returns the index dict written to ``REPO/index.json``.
 
     Raises:
-        ArtifactError: the trained artifact fails verification.
+        ArtifactError: the trained artifact fails verification or records no data plan.
+        DataError: its data files are missing or changed since training.
         ValidationError: an export disagrees with Keras.
-        BudgetError: never; over-budget variants are reported, and skipped unless allowed.
     """
-    import onnx
+    from ctredge.train.train import TrainedModel
 
-    from ctredge.compress.quantize import predict as ort_predict
-    from ctredge.compress.quantize import quantize, save_model, session_rss_bytes
+    trained = TrainedModel.load(trained_dir)
+    plan, held = trained.read_rows()
+    return compress_trained(trained, plan, held, repo, cfg, work_dir=work_dir, force=force)
+
+
+def compress_trained(trained: Any, plan: Any, held: Any, repo: str | os.PathLike[str],
+                     cfg: CompressConfig | None = None, *, work_dir: str | os.PathLike[str] | None = None,
+                     force: bool = False) -> dict[str, Any]:
+    """Build every variant of ``cfg.variants`` of a trained model already in memory into the repository ``repo``.
+
+    Takes the :class:`ctredge.train.train.TrainedModel`, its verified
+    :class:`ctredge.dataplan.DataPlan` and the rows read from it (a
+    :class:`ctredge.dataplan.HeldOut`), the repository folder, the config, the
+    work folder for the exports and the pruned artifact (default
+    ``REPO-work`` beside the repository) and whether to redo reusable ones.
+    Each variant is scored against the Keras model on the test rows; one that
+    loses more than the budget is listed with ``within_budget: false`` and
+    written only with ``allow_over_budget``.  Returns the index dict written to
+    ``REPO/index.json``.
+
+    Raises:
+        ValidationError: an export disagrees with Keras.
+    """
+    from ctredge.compress.quantize import quantize, save_model
+    from ctredge.compress.scoring import ort_predict, session_rss_bytes
     from ctredge.export.onnx import set_metadata
-    from ctredge.train.train import load_trained, predict, read_parts
+    from ctredge.layout import RepositoryLayout
+    from ctredge.train.loop import keras_predict
 
     cfg = cfg or CompressConfig()
-    trained_dir, repo = Path(trained_dir), Path(repo)
-    work = Path(work_dir) if work_dir else repo.parent / f"{repo.name}-work"
-    model, spec, manifest = load_trained(trained_dir)
-    parts = read_parts(manifest["data"], spec)
-    test, valid = parts["test"], parts["valid"]
+    layout = RepositoryLayout(repo)
+    work = Path(work_dir) if work_dir else layout.root.parent / f"{layout.root.name}-work"
+    test, valid = held.test, held.valid
     if cfg.eval_rows:
         test = test.take(np.arange(min(cfg.eval_rows, len(test))))
     calib = valid.take(np.arange(min(cfg.calibration_rows, len(valid))))
     calibration = [calib.take(np.arange(i, min(i + 256, len(calib)))).feeds for i in range(0, len(calib), 256)]
     log.info("held-out rows: %d test, %d calibration", len(test), len(calib))
-    p_ref = predict(model, test.feeds)
-    ref_auc = M.auc(test.labels, p_ref)
+    p_ref = keras_predict(trained.model, test.feeds)
+    ref = M.summary(test.labels, p_ref)
     need_pruned = any(VARIANTS[v][0] == "pruned" for v in cfg.variants)
-    sources = _prepare_sources(trained_dir, work, cfg, need_pruned, force)
+    sources = _prepare_sources(trained, plan, held, work, cfg, need_pruned, force)
 
-    repo.mkdir(parents=True, exist_ok=True)
+    layout.root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in cfg.variants:
         source, kind = VARIANTS[name]
         t0 = time.perf_counter()
         src_path = sources[source] / "model.onnx"
-        proto = onnx.load(str(src_path)) if kind is None else quantize(src_path, kind, calibration)
+        proto = _load_onnx(src_path) if kind is None else quantize(src_path, kind, calibration)
         set_metadata(proto, {"ctredge.model_name": name, "ctredge.model_version": str(cfg.version),
                              "ctredge.quantization": kind or "none"})
-        p = ort_predict(proto, test.feeds)
-        delta = M.paired_bootstrap_auc_delta(test.labels, p_ref, p, resamples=cfg.bootstrap, seed=cfg.seed)
-        within = -delta.delta <= cfg.budget
-        summary = M.summary(test.labels, p)
-        entry: dict[str, Any] = {
-            "name": name, "version": cfg.version, "source": source, "quantization": kind or "none",
-            "test_auc": summary["auc"], "test_logloss": summary["logloss"],
-            "test_calibration": summary["calibration"], "dauc": delta.delta,
-            "dauc_ci": [delta.low, delta.high], "within_budget": bool(within),
-            "max_abs_diff_vs_keras": float(np.max(np.abs(p - p_ref))),
-            "written": bool(within or cfg.allow_over_budget),
-        }
+        entry = _score(name, source, kind, ort_predict(proto, test.feeds), p_ref, test.labels, cfg)
         if entry["written"]:
-            final = repo / name / str(cfg.version)
+            final = layout.version_dir(name, cfg.version)
             with staged_dir(final) as tmp:
                 save_model(proto, tmp / "model.onnx")
                 write_manifest(tmp, stage="variant", config=config_to_dict(cfg), parent=sources[source],
-                               metrics={**entry, "reference_keras_auc": ref_auc, "test_rows": len(test)},
-                               data=manifest["data"], extra={"budget": cfg.budget})
-            _write_serving_config(repo / name, name)
-            entry["size_bytes"] = sum(f.stat().st_size for f in final.iterdir() if f.name != "manifest.json")
-            entry["rss_bytes"] = session_rss_bytes(final / "model.onnx") if cfg.measure_rss else None
+                               metrics={**entry, "reference_keras_auc": ref["auc"], "test_rows": len(test)},
+                               data=trained.manifest["data"], extra={"budget": cfg.budget})
+            _write_serving_config(layout.model_dir(name), name)
+            entry["size_bytes"] = layout.version_bytes(name, cfg.version)
+            entry["model_sha256"] = sha256_file(layout.model_path(name, cfg.version))
+            entry["rss_bytes"] = session_rss_bytes(layout.model_path(name, cfg.version)) if cfg.measure_rss else None
         else:
             log.warning("%s loses %.5f AUC (budget %.5f): not written (use --allow-over-budget)",
-                        name, -delta.delta, cfg.budget)
+                        name, -entry["dauc"], cfg.budget)
             entry["size_bytes"] = len(proto.SerializeToString())
             entry["rss_bytes"] = None
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         log.info("%-17s %9s bytes  AUC %.5f  dAUC %+.5f [%+.5f, %+.5f]  %s", name, f"{entry['size_bytes']:,}",
-                 entry["test_auc"], delta.delta, delta.low, delta.high,
-                 "within budget" if within else "OVER BUDGET")
+                 entry["test_auc"], entry["dauc"], *entry["dauc_ci"],
+                 "within budget" if entry["within_budget"] else "OVER BUDGET")
         entries.append(entry)
-    index = {"models": entries, "reference": {"trained": str(trained_dir), "keras_test_auc": ref_auc,
-                                              "test_rows": len(test), "budget": cfg.budget,
-                                              "trained_manifest_sha256": manifest_hash(trained_dir),
-                                              "feature_spec_key": METADATA_KEY}}
-    (repo / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    index = {"models": entries, "reference": {
+        "trained": str(trained.folder), "keras_test_auc": ref["auc"], "keras_summary": ref,
+        "test_rows": len(test), "budget": cfg.budget, "bootstrap": cfg.bootstrap, "seed": cfg.seed,
+        "confidence": BOOTSTRAP_CONFIDENCE, "trained_manifest_sha256": manifest_hash(trained.folder),
+        "feature_spec_key": METADATA_KEY}}
+    layout.write_index(index)
     return index
+
+
+def _load_onnx(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _score(name: str, source: str, kind: str | None, p: np.ndarray, p_ref: np.ndarray, labels: np.ndarray,
+           cfg: CompressConfig) -> dict[str, Any]:
+    """A variant's index entry: its test figures, its paired-bootstrap dAUC against Keras, the budget verdict."""
+    delta = M.paired_bootstrap_auc_delta(labels, p_ref, p, resamples=cfg.bootstrap, seed=cfg.seed,
+                                         confidence=BOOTSTRAP_CONFIDENCE)
+    within = -delta.delta <= cfg.budget
+    summary = M.summary(labels, p)
+    return {
+        "name": name, "version": cfg.version, "source": source, "quantization": kind or "none",
+        "test_auc": summary["auc"], "test_logloss": summary["logloss"],
+        "test_calibration": summary["calibration"], "mean_prediction": summary["mean_prediction"],
+        "click_rate": summary["click_rate"], "normalized_entropy": summary["normalized_entropy"],
+        "dauc": delta.delta, "dauc_ci": [delta.low, delta.high], "within_budget": bool(within),
+        "max_abs_diff_vs_keras": float(np.max(np.abs(p - p_ref))),
+        "written": bool(within or cfg.allow_over_budget),
+    }
 
 
 def _write_serving_config(model_dir: Path, name: str) -> None:

@@ -1,7 +1,9 @@
-"""The ``ctredge`` command line: the one place that knows every stage.
+"""The ``ctredge`` command line: it parses the arguments and dispatches to the stages.
 
 Each subcommand imports its stage inside its handler, so ``ctredge datagen``
-never loads TensorFlow and ``ctredge serve`` neither.
+and ``ctredge serve`` never load TensorFlow.  The main job (``ctredge
+pipeline``) lives in :mod:`ctredge.pipeline`; the tables printed here in
+:mod:`ctredge.tables`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ctredge.errors import CtrEdgeError
+from ctredge.tables import index_table, markdown_table
 
 log = logging.getLogger("ctredge")
 
@@ -67,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     manifest = train(cfg, _model_config(args))
     m = manifest["metrics"]
-    print(_table(["model", "test AUC", "test logloss", "calibration", "valid AUC", "epochs", "s/epoch"],
+    print(markdown_table(["model", "test AUC", "test logloss", "calibration", "valid AUC", "epochs", "s/epoch"],
                  [[args.model, f"{m['test_auc']:.5f}", f"{m['test_logloss']:.5f}", f"{m['test_calibration']:.3f}",
                    f"{m['valid_auc']:.5f}", str(m["epochs"]), f"{m['seconds_per_epoch']:.1f}"]]))
     if m.get("bad_rows_skipped"):
@@ -80,7 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ctredge.train.train import evaluate
 
     m = evaluate(args.dir, args.data, skip_bad_rows=args.skip_bad_rows)
-    print(_table(["rows", "AUC", "logloss", "calibration", "normalized entropy", "click rate"],
+    print(markdown_table(["rows", "AUC", "logloss", "calibration", "normalized entropy", "click rate"],
                  [[f"{m['rows']:,}", f"{m['auc']:.5f}", f"{m['logloss']:.5f}", f"{m['calibration']:.3f}",
                    f"{m['normalized_entropy']:.4f}", f"{m['click_rate']:.4f}"]]))
     return 0
@@ -112,25 +115,13 @@ def cmd_compress_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_compress_quantize(args: argparse.Namespace) -> int:
-    import numpy as np
+    from ctredge.compress.quantize import quantize_to_folder
 
-    from ctredge.compress.quantize import quantize, save_model
-    from ctredge.export.onnx import load_spec_from_onnx
-    from ctredge.reader import read_all
-
-    calibration = None
-    if args.calibration:
-        spec = load_spec_from_onnx(args.onnx)
-        if spec is None:
-            raise CtrEdgeError(f"{args.onnx} carries no ctredge FeatureSpec: calibration rows cannot be read for it")
-        rows = read_all(args.calibration, spec, limit=args.calibration_rows)
-        calibration = [rows.take(np.arange(i, min(i + 256, len(rows)))).feeds for i in range(0, len(rows), 256)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for kind in args.variants.split(","):
-        path = out / f"model.{kind.replace('+', '_')}.onnx"
-        save_model(quantize(args.onnx, kind, calibration), path)
-        print(f"{kind:24s} {path}  {path.stat().st_size:,} bytes")
+    for kind, path, size in quantize_to_folder(args.onnx, args.variants.split(","), args.out,
+                                               calibration_data=args.calibration,
+                                               calibration_rows=args.calibration_rows,
+                                               verify_manifest=not args.no_verify):
+        print(f"{kind:24s} {path}  {size:,} bytes")
     return 0
 
 
@@ -147,113 +138,16 @@ def cmd_compress_all(args: argparse.Namespace) -> int:
     return 0
 
 
-def index_table(index: dict[str, Any]) -> str:
-    """The repository index as a Markdown table."""
-    fp32 = next((e["size_bytes"] for e in index["models"] if e["name"] == "ctr-fp32"), None)
-    rows = []
-    for e in index["models"]:
-        ratio = f"{e['size_bytes'] / fp32:.3f}" if fp32 else "-"
-        rss = f"{e['rss_bytes'] / 2**20:.1f}" if e.get("rss_bytes") else "-"
-        rows.append([e["name"], e["quantization"], f"{e['size_bytes']:,}", ratio, rss, f"{e['test_auc']:.5f}",
-                     f"{e['dauc']:+.5f} [{e['dauc_ci'][0]:+.5f}, {e['dauc_ci'][1]:+.5f}]",
-                     "yes" if e["within_budget"] else "NO"])
-    ref = index["reference"]
-    return (_table(["variant", "quantization", "bytes", "x fp32", "RSS MiB", "test AUC", "dAUC [95% CI]",
-                    "within budget"], rows)
-            + f"\nreference: full Keras model, test AUC {ref['keras_test_auc']:.5f} on {ref['test_rows']:,} rows; "
-              f"budget dAUC >= -{ref['budget']}")
-
-
 # ---------------------------------------------------------------- pipeline
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """datagen (with history) -> train each model -> compress all (first model) -> bench (servers in subprocesses)."""
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data" / "clicks.tsv"
-    truth = _stage_datagen(data, args.rows, args.seed, args.force)
-    rows = []
-    for name in args.models.split(","):
-        manifest = _stage_train(data, out / f"trained-{name}", name, args.epochs, args.seed, args.force)
-        m = manifest["metrics"]
-        rows.append([name, f"{m['test_auc']:.4f}", f"{m['test_logloss']:.4f}", f"{m['test_calibration']:.3f}",
-                     str(m["epochs"]), f"{m['seconds_per_epoch']:.1f}",
-                     f"{manifest['extra']['params']['total']:,}"])
-    table = _table(["model", "test AUC", "test logloss", "calibration", "epochs", "s/epoch", "params"], rows)
-    ceiling = (f"Bayes-optimal (true probabilities) on all {truth['rows']:,} rows: AUC {truth['bayes_auc']:.4f}, "
-               f"logloss {truth['bayes_logloss']:.4f}; click rate {truth['click_rate']:.4f}")
-    print(table)
-    print(ceiling)
-    variants = bench = ""
-    first = args.models.split(",")[0]
-    if not args.skip_compress:
-        from ctredge.compress.variants import CompressConfig, compress_all
+    from ctredge.pipeline import PipelineConfig, run_pipeline
 
-        log.info("compress all: %s -> %s", out / f"trained-{first}", out / "repository")
-        index = compress_all(out / f"trained-{first}", out / "repository", CompressConfig(allow_over_budget=True),
-                             force=args.force)
-        variants = f"## Compressed variants of `{first}` (`ctredge compress all`)\n\n{index_table(index)}\n"
-        print(index_table(index))
-        if not args.skip_bench:
-            from ctredge.benchmarks.bench import BenchConfig, run_bench
-            from ctredge.benchmarks.report import summary_table
-
-            cfg = BenchConfig(repository=str(out / "repository"), data=str(data), out=str(out / "bench"),
-                              trained=str(out / f"trained-{first}"), full=args.full, seconds=args.bench_seconds)
-            summary = summary_table(run_bench(cfg))
-            print(summary)
-            bench = (f"## Benchmark (`ctredge bench{' --full' if args.full else ''}`)\n\n{summary}\n\n"
-                     f"Every table, the plots and the settings: [bench/report.md](bench/report.md).\n")
-    report = out / "report.md"
-    report.write_text(f"# ctredge pipeline report\n\n`ctredge pipeline --out {args.out} --rows {args.rows} "
-                      f"--seed {args.seed} --models {args.models} --epochs {args.epochs}"
-                      f"{' --full' if args.full else ''}`, {time.perf_counter() - t0:.0f} s\n\n"
-                      f"## Training (synthetic data with history)\n\n{table}\n\n{ceiling}\n\n{variants}\n{bench}")
-    print(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
+    run_pipeline(PipelineConfig(out=args.out, rows=args.rows, seed=args.seed, models=tuple(args.models.split(",")),
+                                epochs=args.epochs, force=args.force, skip_compress=args.skip_compress,
+                                skip_bench=args.skip_bench, full=args.full, bench_seconds=args.bench_seconds),
+                 progress=_progress_bar("datagen"))
     return 0
-
-
-def _stage_datagen(data: Path, rows: int, seed: int, force: bool) -> dict[str, Any]:
-    from ctredge.datagen import generate
-    from ctredge.reader import sidecar_path
-
-    truth_path = Path(sidecar_path(data, "truth"))
-    if not force and data.is_file() and truth_path.is_file():
-        truth = json.loads(truth_path.read_text())
-        if truth.get("rows") == rows and truth.get("seed") == seed and truth.get("history"):
-            log.info("reusing %s (%d rows, seed %d)", data, rows, seed)
-            return truth
-    data.parent.mkdir(parents=True, exist_ok=True)
-    log.info("datagen: %d rows with history -> %s", rows, data)
-    return generate(str(data), rows=rows, seed=seed, history=True, progress=_progress_bar("datagen"))
-
-
-def _stage_train(data: Path, out: Path, model: str, epochs: int, seed: int, force: bool) -> dict[str, Any]:
-    from ctredge.artifacts import read_manifest, sha256_file
-    from ctredge.errors import ArtifactError
-    from ctredge.train.models import ModelConfig
-    from ctredge.train.train import TrainConfig, train
-
-    cfg = TrainConfig(data=(str(data),), out=str(out), epochs=epochs, seed=seed,
-                      verbose=1 if sys.stdout.isatty() else 2)
-    if not force and out.exists():
-        try:
-            manifest = read_manifest(out, stage="train")
-            same_data = [f["sha256"] for f in manifest["data"]["files"]] == [sha256_file(data)]
-            if same_data and manifest["config"]["train"]["epochs"] == epochs and manifest["extra"]["model"] == model:
-                log.info("reusing %s (manifest verified)", out)
-                return manifest
-        except (ArtifactError, KeyError) as exc:
-            log.info("retraining %s: %s", out, exc)
-    log.info("train: %s -> %s", model, out)
-    return train(cfg, ModelConfig(model=model))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- serve / predict
@@ -371,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "int8-static+emb-int8, int8-static+emb-int4")
     cq.add_argument("--calibration", help="click log for static int8 calibration")
     cq.add_argument("--calibration-rows", type=int, default=4096)
+    cq.add_argument("--no-verify", action="store_true",
+                    help="quantize an ONNX file that has no ctredge manifest.json beside it (not checked)")
     cq.add_argument("--out", required=True)
     cq.set_defaults(func=cmd_compress_quantize)
     ca = c.add_parser("all", help="every variant into a model repository, judged by the dAUC budget")

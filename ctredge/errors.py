@@ -39,9 +39,5 @@ class ValidationError(CtrEdgeError):
     """An exported or compressed model disagrees with its reference beyond tolerance."""
 
 
-class BudgetError(CtrEdgeError):
-    """A compressed variant lost more accuracy than the configured budget allows."""
-
-
 class ConfigError(CtrEdgeError, ValueError):
     """A stage config has unknown keys or values out of range."""

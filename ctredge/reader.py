@@ -127,8 +127,8 @@ def iter_raw(
 
     Raises:
         DataError: a malformed row (bad label, non-numeric or non-integer count,
-            wrong field count), naming the file and 1-based line number, unless
-            ``skip_bad_rows``.
+            a non-finite value such as ``inf`` or ``nan``, wrong field count),
+            naming the file and 1-based line number, unless ``skip_bad_rows``.
     """
     if chunk_rows < 1:
         raise DataError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -202,7 +202,11 @@ def read_all(
     **kwargs,
 ) -> Batch:
     """Concatenate everything :func:`iter_batches` yields (for data that fits in memory)."""
-    parts = list(iter_batches(paths, spec, **kwargs))
+    return concat_batches(list(iter_batches(paths, spec, **kwargs)), spec)
+
+
+def concat_batches(parts: Sequence[Batch], spec: FeatureSpec) -> Batch:
+    """One batch of several, in order; none gives an empty batch with the spec's shapes and dtypes."""
     if not parts:
         empty = {name: np.zeros((0,) + tuple(s[1:]), dtype=dt) for name, (dt, s) in spec.input_signature().items()}
         z = np.zeros(0, dtype=np.int64)
@@ -276,6 +280,10 @@ def _convert_checked(table: np.ndarray, spec: FeatureSpec) -> tuple[np.ndarray, 
     """Dense floats (NaN = missing) and the rows (index, reason) with a bad label or value.
 
     Columns convert vectorised; only a column that fails is scanned row by row.
+    A value must be finite in float32: ``nan``, ``inf`` and magnitudes past
+    float32's range are refused (only an empty field means missing), since the
+    model cannot tell a NaN that came from the file from a missing value and an
+    infinite count makes every prediction NaN.
     """
     bad: dict[int, str] = {}
     labels = table[:, 0]
@@ -287,19 +295,25 @@ def _convert_checked(table: np.ndarray, spec: FeatureSpec) -> tuple[np.ndarray, 
         present = col != b""
         if not present.any():
             continue
+        kind = "an integer count" if feat.integer else "a finite number (empty = missing)"
         try:
-            dense[present, j] = col[present].astype(np.int64 if feat.integer else np.float64)
-            continue
+            with np.errstate(over="ignore"):
+                dense[present, j] = col[present].astype(np.int64 if feat.integer else np.float64)
         except (ValueError, OverflowError):
-            pass
-        for idx in np.flatnonzero(present):
-            v = col[idx]
-            try:
-                dense[idx, j] = int(v) if feat.integer else float(v)
-            except (ValueError, OverflowError):
-                kind = "an integer count" if feat.integer else "a number"
-                bad.setdefault(int(idx), f"dense feature {feat.name} (field {2 + j}) must be {kind}, "
-                                         f"got {v.decode('utf-8', 'replace')!r}")
+            for idx in np.flatnonzero(present):
+                v = col[idx]
+                try:
+                    value = int(v) if feat.integer else float(v)
+                except (ValueError, OverflowError):
+                    bad.setdefault(int(idx), f"dense feature {feat.name} (field {2 + j}) must be {kind}, "
+                                             f"got {v.decode('utf-8', 'replace')!r}")
+                    continue
+                with np.errstate(over="ignore"):
+                    dense[idx, j] = value
+        for idx in np.flatnonzero(present & ~np.isfinite(dense[:, j])):
+            if int(idx) not in bad:
+                bad[int(idx)] = (f"dense feature {feat.name} (field {2 + j}) must be {kind} within float32's range, "
+                                 f"got {col[idx].decode('utf-8', 'replace')!r}")
     return dense, sorted(bad.items())
 
 

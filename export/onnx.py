@@ -123,12 +123,27 @@ def export(trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
             wrong, or ONNX Runtime disagrees with Keras beyond ``atol``; nothing
             is written then.
     """
+    from ctredge.train.train import load_trained
+
+    model, spec, parent_manifest = load_trained(trained_dir)
+    return export_model(model, spec, parent_manifest, trained_dir, out_dir, cfg)
+
+
+def export_model(model: Any, spec: FeatureSpec, parent_manifest: dict[str, Any],
+                 trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                 cfg: ExportConfig | None = None) -> dict[str, Any]:
+    """Export a Keras model already in memory, loaded from the verified artifact ``trained_dir``.
+
+    Takes the model, its spec and parent manifest (what
+    :func:`ctredge.train.train.load_trained` returned for ``trained_dir``), the
+    output folder and the config.  Returns the manifest written.  Raises what
+    :func:`export` raises.
+    """
     import onnx
 
-    from ctredge.train.train import load_trained, predict
+    from ctredge.train.loop import keras_predict
 
     cfg = cfg or ExportConfig()
-    model, spec, parent_manifest = load_trained(trained_dir)
     log.info("converting %s with tf2onnx (opset %d)", trained_dir, cfg.opset)
     proto = convert(model, spec, cfg.opset)
     set_metadata(proto, {
@@ -144,7 +159,7 @@ def export(trained_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         raise ValidationError(f"the ONNX checker rejects the converted graph: {exc}") from exc
     session = cpu_session(proto)
     check_signature(session, spec)
-    diffs = compare(lambda f: predict(model, f).reshape(-1, 1), ort_predictor(session), spec,
+    diffs = compare(lambda f: keras_predict(model, f).reshape(-1, 1), ort_predictor(session), spec,
                     batches=cfg.batches, atol=cfg.atol, seed=cfg.seed)
     log.info("validated against Keras: %s", ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
     with staged_dir(out_dir) as tmp:
@@ -174,5 +189,5 @@ def load_spec_from_onnx(path: str | os.PathLike[str]) -> FeatureSpec | None:
     return FeatureSpec.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
-__all__ = ["ExportConfig", "export", "convert", "set_metadata", "read_metadata", "load_spec_from_onnx",
+__all__ = ["ExportConfig", "export", "export_model", "convert", "set_metadata", "read_metadata", "load_spec_from_onnx",
            "weight_bytes", "MODEL_FILE"]

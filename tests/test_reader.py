@@ -110,3 +110,27 @@ def test_missing_file_and_spec_errors(tmp_path):
     with pytest.raises(DataError, match="clicks.spec.json"):
         resolve_spec(str(tmp_path / "clicks.tsv"))
     assert resolve_spec("whatever.tsv", "criteo", buckets=10).n_cat == 26
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "Infinity", "nan", "NaN", "1e39"])
+def test_non_finite_dense_values_are_refused_with_file_and_line(tmp_path, value):
+    path = _write(tmp_path / "c.tsv", f"1\t3\t2.5\ta\ti\n0\t1\t{value}\tb\ti\n")
+    with pytest.raises(DataError, match=rf"c\.tsv:2: dense feature price \(field 3\) must be a finite number "
+                                        rf"\(empty = missing\) within float32's range, got '{value}'"):
+        read_all(path, _spec())
+
+
+def test_non_finite_integer_counts_are_refused(tmp_path):
+    path = _write(tmp_path / "c.tsv", "1\tinf\t2.5\ta\ti\n")
+    with pytest.raises(DataError, match=r"c\.tsv:1: dense feature n \(field 2\) must be an integer count, got 'inf'"):
+        read_all(path, _spec())
+
+
+def test_non_finite_rows_are_skipped_and_counted_with_skip_bad_rows(tmp_path):
+    path = _write(tmp_path / "c.tsv", "1\t3\t2.5\ta\ti\n0\t\t\tb\ti\n0\t1\t-inf\tc\ti\n1\tnan\t1\td\ti\n0\t2\t1\te\ti\n")
+    stats = ReadStats()
+    batch = read_all(path, _spec(), skip_bad_rows=True, stats=stats)
+    assert stats.bad_rows == 2 and batch.line_no.tolist() == [1, 2, 5]
+    dense = batch.feeds["dense"]
+    assert np.isnan(dense[1]).all() and np.isfinite(dense[[0, 2]]).all()  # empty is still missing = NaN
+    assert stats.first_bad[0].startswith(f"{path}:3: dense feature price")

@@ -212,8 +212,10 @@ class SelectFields(keras.layers.Layer):
 class CrossLayer(keras.layers.Layer):
     """One cross layer of DCN-v2 (Wang et al., "DCN V2: Improved Deep & Cross Network", WWW 2021).
 
-    ``x_{l+1} = x_0 * (W x_l + b) + x_l``, with ``*`` elementwise; with ``rank > 0``
-    the matrix is low-rank, ``W = U V^T`` (``U, V`` of shape ``[D, rank]``), the
+    ``x_{l+1} = x_0 * (W x_l + b) + x_l``, with ``*`` elementwise.  The code works on
+    row vectors (a batch ``[B, D]``), so it computes ``x_l @ kernel`` with ``kernel``
+    ``[D, D]``.  With ``rank > 0`` the matrix is low-rank, ``x_l @ V @ U`` with ``V``
+    stored ``[D, rank]`` and ``U`` stored ``[rank, D]`` (so ``kernel = V U``), the
     paper's cost-saving "mixture of low-rank" with one expert.
 
     Takes: ``rank`` (0 = full ``D x D``), ``kernel_initializer``.

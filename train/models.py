@@ -96,10 +96,47 @@ def _check_units(name: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+# ------------------------------------------------------------------ layer names other stages rely on
+#: the final logit layer of every architecture (deepfm's is the Add of its three logits)
+LOGIT = "logit"
+#: deepfm's deep-part logit, fed by the last hidden layer of its MLP
+DEEP_LOGIT = "deep_logit"
+#: DCN-v2's i-th cross layer is named CROSS_LAYER.format(i)
+CROSS_LAYER = "cross_{}"
+
+
+@dataclass(frozen=True)
+class MlpChain:
+    """The deep MLP of a model: its ModelConfig field, hidden widths, hidden layer names and next layer's name.
+
+    Structured pruning (``ctredge.compress.prune``) removes hidden units along this
+    chain; the names are the ones :func:`build_model` gives, so they cannot drift.
+    """
+
+    field: str
+    units: tuple[int, ...]
+    hidden: tuple[str, ...]
+    next_layer: str
+
+
+def mlp_chain(cfg: "ModelConfig") -> MlpChain:
+    """The :class:`MlpChain` that :func:`build_model` builds for ``cfg``."""
+    if cfg.model == "seed":
+        field_name, units, prefix, nxt = "seed_mlp", cfg.seed_mlp, "seed", LOGIT
+    else:
+        field_name, units, prefix = "mlp_units", cfg.mlp_units, "deep"
+        nxt = LOGIT if cfg.model == "dcnv2" else DEEP_LOGIT
+    return MlpChain(field_name, tuple(units), tuple(_dense_name(prefix, i) for i in range(len(units))), nxt)
+
+
+def _dense_name(prefix: str, i: int) -> str:
+    return f"{prefix}_dense_{i}"
+
+
 # ------------------------------------------------------------------ building blocks
 def _mlp(x: Any, units: tuple[int, ...], dropout: float, prefix: str) -> Any:
     for i, u in enumerate(units):
-        x = keras.layers.Dense(u, activation="relu", name=f"{prefix}_dense_{i}")(x)
+        x = keras.layers.Dense(u, activation="relu", name=_dense_name(prefix, i))(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"{prefix}_dropout_{i}")(x)
     return x
@@ -162,9 +199,9 @@ def _dcnv2(f: _Features, cfg: ModelConfig) -> Any:
     x0 = _concat(parts, "dcn_input")
     x = x0
     for i in range(cfg.cross_layers):
-        x = L.CrossLayer(cfg.cross_rank, name=f"cross_{i}")([x0, x])
+        x = L.CrossLayer(cfg.cross_rank, name=CROSS_LAYER.format(i))([x0, x])
     x = _mlp(x, cfg.mlp_units, cfg.dropout, "deep")
-    return keras.layers.Dense(1, name="logit")(x)
+    return keras.layers.Dense(1, name=LOGIT)(x)
 
 
 def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
@@ -185,8 +222,8 @@ def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     field_tensor = _concat(fields, "fields", axis=1)  # [B, F, d]
     second = L.FMInteraction(name="fm")(field_tensor)
     deep = _mlp(keras.layers.Flatten(name="fields_flat")(field_tensor), cfg.mlp_units, cfg.dropout, "deep")
-    deep = keras.layers.Dense(1, name="deep_logit")(deep)
-    return keras.layers.Add(name="logit")([first, second, deep])
+    deep = keras.layers.Dense(1, name=DEEP_LOGIT)(deep)
+    return keras.layers.Add(name=LOGIT)([first, second, deep])
 
 
 def _seed(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
@@ -218,7 +255,7 @@ def _seed(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     if f.dense is not None:
         parts.append(f.dense)
     x = _mlp(_concat(parts, "seed_input"), cfg.seed_mlp, cfg.dropout, "seed")
-    return keras.layers.Dense(1, name="logit")(x)
+    return keras.layers.Dense(1, name=LOGIT)(x)
 
 
 def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Model:

@@ -26,7 +26,9 @@ from ctredge.metrics import auc
 from ctredge.reader import read_all
 from ctredge.train import layers as L
 from ctredge.train.models import ModelConfig, build_model, model_summary
-from ctredge.train.train import TrainConfig, load_trained, predict, read_part, train
+from ctredge.dataplan import DataPlan
+from ctredge.train.loop import keras_predict as predict
+from ctredge.train.train import TrainConfig, load_trained, train
 
 N_USERS, N_ITEMS, N_GROUPS, HIST_LEN = 500, 150, 4, 6
 
@@ -155,7 +157,7 @@ def test_vocabulary_pruning_remaps_rare_ids_to_row_zero(pruned, trained):
     assert rows["before"] == spec.total_buckets and rows["after"] < 0.8 * rows["before"]
     table = model.get_layer("embedding")
     assert table.kept_rows == rows["after"] and tuple(table.embeddings.shape) == (rows["after"], 8)
-    train_rows = read_part(man["data"], "train", spec)
+    train_rows = DataPlan.from_manifest(man["data"]).read("train", spec)
     counts, _ = count_rows(iter([train_rows]), spec)
     user_counts = counts[:spec.cat[0].buckets]
     rare = int(np.flatnonzero((user_counts > 0) & (user_counts < 3))[0])
@@ -187,7 +189,7 @@ def test_pruned_artifact_loads_saves_and_predicts_identically(pruned, tmp_path):
     model, spec, man = load_trained(out)
     assert man["stage"] == "prune" and man["parent"]["stage"] == "train"
     assert man["data"]["parts"] == json.loads((out.parent / "trained" / "manifest.json").read_text())["data"]["parts"]
-    test = read_part(man["data"], "test", spec)
+    test = DataPlan.from_manifest(man["data"]).read("test", spec)
     p = predict(model, test.feeds)
     assert auc(test.labels, p) == pytest.approx(manifest["metrics"]["test_auc"], abs=1e-6)
     model.save(tmp_path / "again.keras")

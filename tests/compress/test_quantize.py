@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ctredge.compress.calibration import FeedCalibrationReader
+from ctredge.compress.scoring import ort_predict as predict
 from ctredge.compress.quantize import (
     VARIANT_KINDS,
     QuantizeConfig,
@@ -30,7 +31,6 @@ from ctredge.compress.quantize import (
     dequantize_rows_int8,
     find_embedding_tables,
     pack_int4,
-    predict,
     quantize,
     quantize_rows_int4,
     quantize_rows_int8,

@@ -103,3 +103,27 @@ def test_latency_benchmark_measures_every_variant(repo, capsys):
     assert {(r["model"], r["batch"]) for r in results} == {(e["name"], b) for e in index["models"] for b in (1, 8)}
     assert all(r["runs"] > 0 and r["p50_ms"] > 0 for r in results)
     assert "| ctr-edge | 8 |" in capsys.readouterr().out
+
+
+def test_bench_accuracy_takes_the_index_figures_only_when_they_describe_the_same_rows(repo, trained):
+    from ctredge.benchmarks.accuracy import accuracy_table
+
+    out, index = repo
+    data = json.loads((trained / "manifest.json").read_text())["data"]["files"][0]["path"]
+    reused = accuracy_table(out, trained, data, bootstrap=20)
+    assert reused["figures"] == "index.json" and reused["rows_source"] == "test split"
+    computed = accuracy_table(out, trained, data, bootstrap=21)  # other bootstrap settings: computed anew
+    assert computed["figures"] == "computed"
+    index_path = out / "index.json"
+    saved = index_path.read_text()
+    try:
+        index_path.unlink()  # no index: computed, and the same figures as the index held
+        again = accuracy_table(out, trained, data, bootstrap=20)
+    finally:
+        index_path.write_text(saved)
+    assert again["figures"] == "computed"
+    keys = ("name", "auc", "dauc", "dauc_ci", "logloss", "calibration", "mean_prediction", "normalized_entropy",
+            "pct_of_full_auc", "max_abs_diff_vs_reference", "bytes")
+    assert [{k: r.get(k) for k in keys} for r in reused["models"]] == \
+        [{k: r.get(k) for k in keys} for r in again["models"]]
+    assert [r["auc"] for r in computed["models"]] == [r["auc"] for r in reused["models"]]

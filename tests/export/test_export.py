@@ -12,7 +12,8 @@ from ctredge.export.onnx import ExportConfig, export, load_spec_from_onnx, read_
 from ctredge.export.validate import check_signature, compare, cpu_session, ort_predictor
 from ctredge.features import METADATA_KEY
 from ctredge.train.models import ModelConfig
-from ctredge.train.train import TrainConfig, load_trained, predict, train
+from ctredge.train.loop import keras_predict as predict
+from ctredge.train.train import TrainConfig, load_trained, train
 
 pytestmark = pytest.mark.slow
 

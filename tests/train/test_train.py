@@ -11,7 +11,8 @@ from ctredge.datagen import generate
 from ctredge.errors import ArtifactError, ConfigError, DataError
 from ctredge.reader import SplitSpec, read_all, resolve_spec
 from ctredge.train.models import ModelConfig
-from ctredge.train.train import TrainConfig, evaluate, load_trained, predict, train
+from ctredge.train.loop import keras_predict as predict
+from ctredge.train.train import TrainConfig, evaluate, load_trained, train
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +96,22 @@ def test_clear_errors(clicks, tmp_path, capsys):
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.tsv:11: label must be 0 or 1, got '7'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_refuses_non_finite_counts_at_read_time(clicks, tmp_path, capsys):
+    lines = clicks.read_text().splitlines()[:400]
+    fields = lines[20].split("\t")
+    fields[1] = "inf"  # the first dense count of line 21
+    lines[20] = "\t".join(fields)
+    bad = tmp_path / "inf.tsv"
+    bad.write_text("\n".join(lines) + "\n")
+    (tmp_path / "inf.spec.json").write_text(resolve_spec(str(clicks)).to_json())
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "inf.tsv:21: dense feature" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    out = tmp_path / "skipped"
+    assert main(["train", "--data", str(bad), "--out", str(out), "--epochs", "1", "--skip-bad-rows",
+                 "--split-valid", "0.3", "--split-test", "0.3"]) == 0
+    assert "skipped 1 malformed row(s)" in capsys.readouterr().out
 
 
 def test_streaming_path_for_files_larger_than_memory(clicks, tmp_path):
