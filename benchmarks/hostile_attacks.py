@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ctredge.benchmarks.hostile_calls import (
     Ctx, Outcome, add_all, burst, call_raw, call_stub, index_names, max_batch, model_ready, model_stats,
-    ordinary_request, rows_for_bytes, scrape, zeros_inputs,
+    ordinary_request, rows_for_bytes, rpc_error, scrape, zeros_inputs,
 )
 from ctredge.serve.codec import build_request, decode_response
 
