@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,17 @@ class RepositoryLayout:
         return self.index_path
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
 def is_model_name(name: str) -> bool:
-    """A model folder name: not hidden, no path separator."""
-    return bool(name) and not name.startswith(".") and "/" not in name and os.sep not in name
+    """A model folder name: letters, digits and ``_ . -``, not starting with a dot, at most 128 characters.
+
+    No separator, no ``..`` and no absolute path can pass, so a name that a
+    client sends and that passes this check names an entry of the repository
+    folder and nothing else (the server relies on it).
+    """
+    return isinstance(name, str) and MODEL_NAME.fullmatch(name) is not None
 
 
 def is_version_name(name: str) -> bool:

@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable
 from ctredge.artifacts import MANIFEST, sha256_file
 from ctredge.errors import ConfigError, CtrEdgeError
 from ctredge.features import METADATA_KEY, FeatureSpec
+from ctredge.layout import MODEL_FILE, RepositoryLayout, is_model_name
 from ctredge.serving_config import (  # noqa: F401  (re-exported: the server's view of config.json)
     CONFIG_FILE, DynamicBatching, RequestLimits, ServingConfig, VersionPolicy, read_serving_config,
     serving_config_from_dict, serving_config_to_dict, write_serving_config,
@@ -44,7 +44,6 @@ from ctredge.serve.stats import ModelStats
 
 log = logging.getLogger("ctredge.serve")
 
-MODEL_FILE = "model.onnx"
 READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 
 
@@ -83,22 +82,12 @@ class ModelVersion:
         return getattr(self.signature, "spec", None)
 
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MAX_NAME_SHOWN = 64
 
 
 def shown(name: str) -> str:
     """``repr`` of a client-given name, truncated to :data:`MAX_NAME_SHOWN` characters for messages."""
     return repr(name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "...")
-
-
-def is_model_name(name: str) -> bool:
-    """Whether ``name`` can be a model folder's name: letters, digits, ``_ . -``, no leading dot, <= 128 chars.
-
-    No separator, no ``..``, no absolute path can pass, so a name checked here
-    never leaves the repository folder.
-    """
-    return isinstance(name, str) and MODEL_NAME.fullmatch(name) is not None
 
 
 def fingerprint(path: Path) -> tuple:
@@ -267,6 +256,7 @@ class Repository:
     def __init__(self, root: str | os.PathLike[str], *, executor: Executor | None = None,
                  settings: LoadSettings | None = None, metrics: Any = None, drain_seconds: float = 30.0):
         self.root = Path(root)
+        self.layout = RepositoryLayout(self.root)
         self.settings = settings or LoadSettings()
         self.executor = executor
         self.metrics = metrics
@@ -285,27 +275,24 @@ class Repository:
         """
         if not self.root.is_dir():
             raise LoadError(f"model repository {self.root} is not a folder")
-        out = []
         for p in sorted(self.root.iterdir()):
-            if p.is_dir() and is_model_name(p.name):
-                out.append(p)
-            elif p.is_dir() and not p.name.startswith("."):
+            if p.is_dir() and not p.name.startswith(".") and not is_model_name(p.name):
                 log.warning("repository: folder %r skipped: a model name has only letters, digits and _ . -",
                             p.name)
-        return out
+        return [self.layout.model_dir(n) for n in self.layout.model_names()]
 
     def _model_dir(self, name: str) -> Path:
         """``root/name`` after checking it is a model folder inside ``root``; raises :class:`ModelNotFound`."""
         if not is_model_name(name):
             raise ModelNotFound(f"model {shown(name)} is not in the repository")
-        path = self.root / name
+        path = self.layout.model_dir(name)
         if path.parent != self.root or not path.is_dir():  # a checked name is one entry of root, never more
             raise ModelNotFound(f"model {shown(name)} is not in the repository")
         return path
 
     def _scan(self, name: str) -> ModelScan:
         model_dir = self._model_dir(name)
-        found = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
+        found = {v: self.layout.version_dir(name, v) for v in self.layout.versions(name)}
         try:
             policy: VersionPolicy | ConfigError = read_serving_config(model_dir).version_policy
         except ConfigError as exc:
