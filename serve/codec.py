@@ -223,8 +223,11 @@ def check_parameters(request: Any) -> None:
                             f"got {', '.join(found[:8])}" + (f" and {len(found) - 8} more" if len(found) > 8 else ""))
 
 
-def check_request(request: Any, signature: Any, limits: Any) -> int:
-    """Check a request's header against the model before any per-element work; returns its element count.
+def check_request(request: Any, signature: Any, limits: Any) -> tuple[int, int]:
+    """Check a request's header against the model before any per-element work.
+
+    Returns ``(elements, bytes_payload)``: its element count and the bytes of its
+    BYTES inputs (what decoding and hashing will cost).
 
     ``signature``: the model's (``check_header(name, datatype, shape)`` and
     ``value_limit(name)``); ``limits``: its :class:`~ctredge.serving_config.RequestLimits`.
@@ -264,7 +267,7 @@ def check_request(request: Any, signature: Any, limits: Any) -> int:
     if payload > limits.max_bytes_payload:
         raise InvalidInput(f"the request's BYTES inputs carry {payload} bytes, expected at most "
                            f"{limits.max_bytes_payload} (limits.max_bytes_payload)")
-    return total
+    return total, payload
 
 
 def decode_inputs(request: Any, value_limit: Any = None) -> dict[str, np.ndarray]:

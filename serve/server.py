@@ -54,6 +54,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 DRAIN_QUIET_SECONDS = 0.2
+GIL_SWITCH_SECONDS = 0.0005
 # gRPC core cancels calls beyond its pending-call limit (default 1000) before any handler sees them; raised so
 # that every call reaches ModelInfer, whose own cap (max_concurrent_rpcs) answers RESOURCE_EXHAUSTED, counted
 MAX_PENDING_CALLS = 1 << 16
@@ -183,6 +185,9 @@ class InferenceServer:
         self.options = options or ServerOptions()
         workers = self.options.workers or os.cpu_count() or 1
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctredge-ort")
+        # large requests are decoded and hashed here, apart from the ONNX Runtime threads, so that they queue
+        # behind each other and never in front of other requests' runs
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctredge-decode")
         self.metrics = Metrics() if self.options.metrics_port is not None else None
         settings = LoadSettings(require_gpu=self.options.require_gpu, intra_op_threads=self.options.intra_op_threads,
                                 dynamic_batching=self.options.dynamic_batching, max_concurrency=workers,
@@ -192,7 +197,7 @@ class InferenceServer:
         self.servicer = InferenceServicer(self.repository, self.metrics, on_change=self._update_health,
                                           control_mode=self.options.model_control_mode,
                                           max_in_flight=self.options.max_concurrent_rpcs,
-                                          max_inflight_bytes=self.options.max_inflight_bytes, executor=self.executor)
+                                          max_inflight_bytes=self.options.max_inflight_bytes, executor=self.decoder)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: Any = None
@@ -215,6 +220,9 @@ class InferenceServer:
         from ctredge.serve import security
 
         _allocator_returns_memory()
+        # a worker thread decoding or hashing a large request holds the GIL for up to this long before the
+        # event loop gets it back (Python's default is 5 ms, which small requests behind it would pay per turn)
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         o = self.options
         credentials = security.server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
         interceptors = security.interceptors(o.infer_token_file, o.admin_token_file, tls=credentials is not None,
@@ -253,6 +261,7 @@ class InferenceServer:
         except BaseException:
             await self._server.stop(None)
             self.executor.shutdown(wait=False)
+            self.decoder.shutdown(wait=False)
             raise
         if self.metrics is not None:
             try:
@@ -260,6 +269,7 @@ class InferenceServer:
             except BaseException:
                 await self._server.stop(None)
                 self.executor.shutdown(wait=False)
+                self.decoder.shutdown(wait=False)
                 raise
         self.servicer.accepting = True
         await self._update_health()
@@ -322,6 +332,7 @@ class InferenceServer:
                         self.servicer.in_flight)
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.executor.shutdown(wait=True)
+        self.decoder.shutdown(wait=True)
         if self.metrics is not None:
             self.metrics.close()
         self._server = None

@@ -47,10 +47,26 @@ class Undecodable:
                             f"(protobuf inference.{self.method}Request)")
 
 
-def _safe_parser(cls: Any, method: str) -> Callable[[bytes], Any]:
-    """``cls.FromString`` that returns :class:`Undecodable` instead of raising (gRPC would answer UNKNOWN)."""
+class Unparsed:
+    """A large ModelInfer request's bytes, parsed later on a worker thread (:func:`_safe_parser`)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+# ModelInfer messages larger than this are parsed off the event loop (a 16 MiB parse holds it for tens of ms)
+PARSE_INLINE_BYTES = 1 << 20
+
+
+def _safe_parser(cls: Any, method: str, defer_over: int | None = None) -> Callable[[bytes], Any]:
+    """``cls.FromString`` that returns :class:`Undecodable` instead of raising (gRPC would answer UNKNOWN).
+
+    With ``defer_over``, messages of more bytes are returned as :class:`Unparsed`.
+    """
 
     def parse(data: bytes) -> Any:
+        if defer_over is not None and len(data) > defer_over:
+            return Unparsed(data)
         try:
             return cls.FromString(data)
         except Exception:  # protobuf's DecodeError and friends: the client's bytes, not our bug
@@ -64,7 +80,8 @@ def generic_handler(servicer: Any) -> Any:
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for m in service.methods:
-        parse = _safe_parser(getattr(pb, m.input_type.name), m.name)
+        parse = _safe_parser(getattr(pb, m.input_type.name), m.name,
+                             PARSE_INLINE_BYTES if m.name == "ModelInfer" else None)
         ser = getattr(pb, m.output_type.name).SerializeToString
         fn = getattr(servicer, m.name)
         if m.client_streaming and m.server_streaming:
@@ -106,8 +123,10 @@ def _unimplemented(name: str) -> Callable[..., Any]:
     return handler
 
 
-# requests with more elements than this are decoded and checked on a worker thread, off the event loop
+# requests with more elements, or more bytes of raw values (hashing), than this are decoded and checked on a
+# worker thread, off the event loop, so they do not hold up the small requests behind them
 INLINE_ELEMENTS = 1 << 14
+INLINE_BYTES = 1 << 15
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -175,6 +194,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.in_flight += 1
         size = 0
         try:
+            if isinstance(request, Unparsed):
+                request = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, _safe_parser(pb.ModelInferRequest, "ModelInfer"), request.data)
             if isinstance(request, Undecodable):
                 raise request.error()
             size = sum(map(len, request.raw_input_contents))
@@ -190,8 +212,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise ResourceExhausted(f"the requests in flight hold {self.inflight_bytes - size} bytes already "
                                         f"(--max-inflight-mb {self.max_inflight_bytes >> 20}); retry later")
             signature = mv.signature
-            elements = codec.check_request(request, signature, signature.limits)
-            if elements > INLINE_ELEMENTS:
+            elements, payload = codec.check_request(request, signature, signature.limits)
+            if elements > INLINE_ELEMENTS or payload > INLINE_BYTES:
                 feeds = await asyncio.get_running_loop().run_in_executor(self.executor, _decode, request, signature)
             else:
                 feeds = _decode(request, signature)

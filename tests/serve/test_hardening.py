@@ -412,3 +412,24 @@ def test_bytes_in_flight_are_bounded(slow_repo):
                 assert "--max-inflight-mb" in exc.details()
         assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
         assert s.server.servicer.inflight_bytes == 0
+
+
+def test_a_message_over_a_mebibyte_is_parsed_off_the_loop_with_the_same_answer(model_repo):
+    from ctredge.serve.servicer import PARSE_INLINE_BYTES
+
+    root, spec = model_repo
+    (root / "ctr" / "config.json").write_text(json.dumps({"max_batch_size": 4096}))
+    f = contract_feeds(spec, 2048)
+    raw = np.array([[b"%06d" % (r * 7 + j) + b"v" * 94 for j in range(spec.n_cat)] for r in range(2048)],
+                   dtype=object)
+    request = build_request("ctr", {"dense": f["dense"], "cat_raw": raw, "hist": f["hist"]})
+    assert request.ByteSize() > PARSE_INLINE_BYTES
+    with ServerThread(root, port=0) as s, grpc.insecure_channel(s.url) as ch:
+        stub = _stub(ch)
+        got = decode_response(stub.ModelInfer(request, timeout=30))["ctr"]
+        want = decode_response(stub.ModelInfer(build_request("ctr", {"dense": f["dense"], "cat": spec.hash_cat(raw),
+                                                                     "hist": f["hist"]}), timeout=30))["ctr"]
+        np.testing.assert_array_equal(got, want)
+        garbage = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        code, msg = _code(garbage, b"\xff" * (PARSE_INLINE_BYTES + 10), timeout=10)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid ModelInfer message" in msg
