@@ -203,6 +203,7 @@ class InferenceServer:
         self._server: Any = None
         self._health: Any = None
         self._poller: asyncio.Task | None = None
+        self._switch_interval = sys.getswitchinterval()
 
     async def start(self) -> int:
         """Bind, start answering (live, not ready), load the repository, then turn ready.
@@ -222,6 +223,7 @@ class InferenceServer:
         _allocator_returns_memory()
         # a worker thread decoding or hashing a large request holds the GIL for up to this long before the
         # event loop gets it back (Python's default is 5 ms, which small requests behind it would pay per turn)
+        self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         o = self.options
         credentials = security.server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
@@ -333,6 +335,7 @@ class InferenceServer:
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.executor.shutdown(wait=True)
         self.decoder.shutdown(wait=True)
+        sys.setswitchinterval(self._switch_interval)
         if self.metrics is not None:
             self.metrics.close()
         self._server = None
