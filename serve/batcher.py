@@ -28,10 +28,9 @@ answer could change (by an ulp) with the number of rows around it.  Every
 request is padded to a multiple of ``alignment`` rows (copies of its first
 row, dropped from the answer), batched or not, so each request starts on an
 aligned row and its answer is bit-identical whatever its batch-mates are.
-On this machine alignment 4 made every total of 1..700 rows bit-exact for the
-demo fp32, fp16, static int8 and pruned models (alignment 1: ~690 totals differed
-for fp32 and pruned; alignment 2: 6-9), so the default is 4; a 1-row request then
-runs as 4 rows, 79 -> 94 us p50 for ctr-fp32 (``python -m ctredge.benchmarks.alignment``).  ``alignment=1``
+Alignment 4 is the default because it made every total of 1..700 rows
+bit-exact for the demo variants (the README has the figures and the command,
+``python -m ctredge.benchmarks.alignment``).  ``alignment=1``
 turns padding off.  Dynamic int8 computes activation scales per run, so its
 answers depend on batch-mates whatever the alignment: its config turns
 batching off.

@@ -9,8 +9,8 @@ CUDA and did not get it fails to load (:class:`GpuRequired`) instead.
 
 Threads.  By default every session runs with 1 intra-op thread, 1 inter-op
 thread and spinning off (``session.intra_op.allow_spinning=0``): on a small
-machine shared with other processes, spinning thread pools were measured 12x
-slower (DESIGN.md).  Parallelism comes from running several requests at once on
+machine shared with other processes, spinning thread pools fight them for the
+cores (DESIGN.md has the measurement).  Parallelism comes from running several requests at once on
 the server's executor threads, each Run on one core.
 
 ``Runner.run(feeds)`` runs a version's session in the calling thread and
