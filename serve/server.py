@@ -159,6 +159,24 @@ class ServerOptions:
         if self.max_message_bytes < 1024:
             raise ServeError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 
+_GIL_LOCK = threading.Lock()
+_GIL_USERS = [0, 0.005]  # servers running in this process, the interval to restore when the last stops
+
+
+def _short_gil_switch(start: bool) -> None:
+    """Use :data:`GIL_SWITCH_SECONDS` while any server of this process runs; restore the interval after."""
+    with _GIL_LOCK:
+        if start:
+            if _GIL_USERS[0] == 0:
+                _GIL_USERS[1] = sys.getswitchinterval()
+                sys.setswitchinterval(GIL_SWITCH_SECONDS)
+            _GIL_USERS[0] += 1
+        elif _GIL_USERS[0] > 0:
+            _GIL_USERS[0] -= 1
+            if _GIL_USERS[0] == 0:
+                sys.setswitchinterval(_GIL_USERS[1])
+
+
 def _allocator_returns_memory() -> None:
     """Make glibc serve allocations of 256 KiB and more with mmap, so they go back to the OS when freed.
 
@@ -203,7 +221,7 @@ class InferenceServer:
         self._server: Any = None
         self._health: Any = None
         self._poller: asyncio.Task | None = None
-        self._switch_interval = sys.getswitchinterval()
+        self._gil_switch = False
 
     async def start(self) -> int:
         """Bind, start answering (live, not ready), load the repository, then turn ready.
@@ -221,10 +239,6 @@ class InferenceServer:
         from ctredge.serve import security
 
         _allocator_returns_memory()
-        # a worker thread decoding or hashing a large request holds the GIL for up to this long before the
-        # event loop gets it back (Python's default is 5 ms, which small requests behind it would pay per turn)
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         o = self.options
         credentials = security.server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
         interceptors = security.interceptors(o.infer_token_file, o.admin_token_file, tls=credentials is not None,
@@ -273,6 +287,10 @@ class InferenceServer:
                 self.executor.shutdown(wait=False)
                 self.decoder.shutdown(wait=False)
                 raise
+        # a worker thread decoding or hashing a large request holds the GIL for up to this long before the
+        # event loop gets it back (Python's default is 5 ms, which small requests behind it would pay per turn)
+        _short_gil_switch(True)
+        self._gil_switch = True
         self.servicer.accepting = True
         await self._update_health()
         if o.poll_seconds:
@@ -335,7 +353,9 @@ class InferenceServer:
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.executor.shutdown(wait=True)
         self.decoder.shutdown(wait=True)
-        sys.setswitchinterval(self._switch_interval)
+        if self._gil_switch:
+            _short_gil_switch(False)
+            self._gil_switch = False
         if self.metrics is not None:
             self.metrics.close()
         self._server = None
