@@ -432,3 +432,17 @@ def test_a_message_over_a_mebibyte_is_parsed_off_the_loop_with_the_same_answer(m
         garbage = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         code, msg = _code(garbage, b"\xff" * (PARSE_INLINE_BYTES + 10), timeout=10)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid ModelInfer message" in msg
+
+
+def test_the_gil_switch_interval_is_short_while_any_server_runs():
+    import sys
+
+    from ctredge.serve.server import GIL_SWITCH_SECONDS, _short_gil_switch
+
+    before = sys.getswitchinterval()
+    _short_gil_switch(True)
+    _short_gil_switch(True)
+    _short_gil_switch(False)
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_SECONDS)
+    _short_gil_switch(False)
+    assert sys.getswitchinterval() == pytest.approx(before)
