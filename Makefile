@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ctredge-installed
-EXTRAS ?= train,cpu,serve,bench,dev
+EXTRAS ?= train,cpu,serve,bench,baselines,dev
 RUN_OUT ?= runs/demo
 
 .PHONY: run test install clean

@@ -68,9 +68,10 @@ MLPERF_LINES = (99.0, 99.9)
 
 def model_order(name: str) -> tuple[int, str]:
     """Sort key: the full model, then ``compress all``'s variants in their order, then the rest by name."""
+    from ctredge.benchmarks.baselines import BASELINES
     from ctredge.compress.variants import VARIANTS
 
-    known = [FULL_MODEL, *VARIANTS]
+    known = [FULL_MODEL, *VARIANTS, *BASELINES]
     return (known.index(name), "") if name in known else (len(known), name)
 
 
@@ -187,19 +188,23 @@ def _onnx_spec_and_kind(path: str) -> tuple[FeatureSpec | None, str | None]:
 
 def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.PathLike[str] | None,
                    data_path: str | os.PathLike[str], *, bootstrap: int = 200, seed: int = 0,
-                   max_rows: int | None = None, confidence: float = 0.95) -> dict[str, Any]:
+                   max_rows: int | None = None, confidence: float = 0.95,
+                   with_baselines: bool = False) -> dict[str, Any]:
     """Score the full model and every repository variant on the same labelled rows.
 
     Takes the model repository, the trained artifact folder (or None), the data
-    file, the number of bootstrap resamples and their seed, and an optional cap
-    on the rows scored.  Returns::
+    file, the number of bootstrap resamples and their seed, an optional cap
+    on the rows scored, and whether to fit the cheap baselines
+    (:mod:`.baselines`: on the trained artifact's training rows, scored on these
+    rows; their rows have ``kind: "baseline"`` and no bytes, and ``baselines``
+    records their status).  Returns::
 
         {"reference": "keras-full" | "ctr-fp32", "reference_note": str | None,
          "rows": int, "rows_source": ..., "data": ..., "data_sha256": ..., "split": ...,
          "click_rate": float, "bootstrap": int, "confidence": 0.95, "seed": int,
          "bayes_auc": float | None, "truth": {...} | None, "budget": float | None,
          "fp32_bytes": int | None, "mlperf_lines": [99.0, 99.9], "seconds": float,
-         "figures": "index.json" | "computed",
+         "figures": "index.json" | "computed", "baselines": {"status", "reason", ...} | None,
          "models": [{"name", "kind": "keras" | "onnx", "version", "path", "quantization",
                      "bytes", "x_fp32_bytes", "auc", "dauc", "dauc_ci": [low, high], "logloss",
                      "calibration", "mean_prediction", "click_rate", "normalized_entropy",
@@ -237,13 +242,27 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
     rows = _rows_from_index(index, trained_dir, manifest, models, spec, info, len(batch), settings, max_rows)
     if rows is not None:
         reference, reference_note, figures = FULL_MODEL, None, "index.json"
+        preds: dict[str, np.ndarray] = {}
         log.info("accuracy: every figure from %s (same trained model, rows, files and settings)",
                  RepositoryLayout(repository).index_path)
     else:
-        rows, reference, reference_note = _computed_rows(repository, trained_dir, manifest, models, spec, batch,
+        rows, reference, reference_note, preds = _computed_rows(repository, trained_dir, manifest, models, spec, batch,
                                                          data_path, sha, settings, max_rows)
         figures = "computed"
     _add_unwritten(rows, index_by)
+    base = None
+    if with_baselines:
+        from ctredge.benchmarks.baselines import baselines
+
+        ref_pred = preds.get(reference)
+        if ref_pred is None and reference == FULL_MODEL:
+            ref_pred = _keras_predictions(trained_dir, batch)
+        base = baselines(manifest, spec, batch, reference=ref_pred, reference_name=reference if ref_pred is not None
+                         else None, bootstrap=bootstrap, seed=seed, confidence=confidence,
+                         rows_source=info["rows_source"])
+        rows.extend(base.pop("rows"))
+        if base["status"] != "measured":
+            log.info("accuracy: baselines not measured: %s", base["reason"])
     rows.sort(key=lambda r: (r["name"] != reference, model_order(r["name"])))
     fp32_bytes = next((m["bytes"] for m in models if m["name"] == FP32_MODEL), None)
     for row in rows:
@@ -251,7 +270,7 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
         row["within_budget"] = e.get("within_budget")
         row.setdefault("index_dauc", e.get("dauc"))
         row["x_fp32_bytes"] = (row["bytes"] / fp32_bytes) if (fp32_bytes and row.get("bytes")) else None
-        if "auc" in row:
+        if "auc" in row and row.get("kind") != "baseline":
             log.info("accuracy: %-17s AUC %.5f  dAUC %+.5f [%+.5f, %+.5f]  logloss %.5f  calib %.3f  %s bytes",
                      row["name"], row["auc"], row["dauc"], *row["dauc_ci"], row["logloss"], row["calibration"],
                      f"{row['bytes']:,}")
@@ -264,7 +283,7 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
         "index": str(Path(repository) / "index.json") if index is not None else None,
         "repository": str(repository), "trained": str(trained_dir) if trained_dir is not None else None,
         "fp32_bytes": fp32_bytes, "mlperf_lines": list(MLPERF_LINES), "figures": figures,
-        "models": rows, "seconds": time.perf_counter() - t_start,
+        "models": rows, "baselines": base, "seconds": time.perf_counter() - t_start,
     }
 
 
@@ -327,10 +346,10 @@ def _rows_from_index(index: dict[str, Any] | None, trained_dir: Any, manifest: d
 
 def _computed_rows(repository: Any, trained_dir: Any, manifest: dict[str, Any] | None, models: list[dict[str, Any]],
                    spec: FeatureSpec, batch: Batch, data_path: str, sha: str, settings: dict[str, Any],
-                   max_rows: int | None) -> tuple[list[dict[str, Any]], str, str | None]:
+                   max_rows: int | None) -> tuple[list[dict[str, Any]], str, str | None, dict[str, np.ndarray]]:
     """Score the Keras model (or ``ctr-fp32`` as the reference) and every variant on ``batch``.
 
-    Returns ``(rows, reference name, why the reference is not the Keras model)``.
+    Returns ``(rows, reference name, why the reference is not the Keras model, predictions by model)``.
 
     Raises:
         ArtifactError: no reference model can be scored.
@@ -382,7 +401,18 @@ def _computed_rows(repository: Any, trained_dir: Any, manifest: dict[str, Any] |
             d = M.paired_bootstrap_auc_delta(labels, p_ref, p, resamples=settings["bootstrap"],
                                              confidence=settings["confidence"], seed=settings["seed"])
         row.update(_figures(M.summary(labels, p), d, ref_auc, float(np.max(np.abs(p - p_ref)))))
-    return rows, reference, reference_note
+    return rows, reference, reference_note, preds
+
+
+def _keras_predictions(trained_dir: Any, batch: Batch) -> np.ndarray | None:
+    """The full Keras model's predictions on ``batch`` (for the baselines' paired dAUC), or None without TensorFlow."""
+    model, reason = _load_keras(trained_dir)
+    if model is None:
+        log.info("accuracy: no dAUC for the baselines: %s", reason)
+        return None
+    from ctredge.train.loop import keras_predict
+
+    return keras_predict(model, batch.feeds)
 
 
 def _add_unwritten(rows: list[dict[str, Any]], index_by: dict[str, dict[str, Any]]) -> None:

@@ -5,7 +5,9 @@
 Sections (each can be skipped; a failed section is reported with its reason and the rest go on):
 
 1. **accuracy** (:mod:`.accuracy`): the full Keras model (with ``--trained``) and
-   every variant in the repository.
+   every variant in the repository; with them (unless ``--skip baselines``) the
+   cheap baselines of :mod:`.baselines` (hashed LR, LightGBM), fit on the
+   trained artifact's training rows and scored on the same rows.
 2. **inproc** (:mod:`.inproc`): the full model as TensorFlow serves it (a
    SavedModel signature) against the ONNX Runtime variants at batch 1, 16, 256,
    4096, in a fresh process so TensorFlow's thread settings hold.
@@ -68,7 +70,7 @@ class BenchConfig:
     providers: tuple[str, ...] = ("cpu",)
     peer: str | None = None  # "pytriton"; None: on with --full
     peer_venv: str = ".venv-pytriton"
-    sections: tuple[str, ...] = ("accuracy", "inproc", "grpc", "footprint", "peer", "gpu")
+    sections: tuple[str, ...] = ("accuracy", "baselines", "inproc", "grpc", "footprint", "peer", "gpu")
     bootstrap: int = 200
     seed: int = 0
     pin: bool = True
@@ -351,7 +353,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         from ctredge.benchmarks.accuracy import accuracy_table
 
         _section(results, "accuracy", lambda: accuracy_table(cfg.repository, cfg.trained, cfg.data,
-                                                             bootstrap=cfg.bootstrap, seed=cfg.seed))
+                                                             bootstrap=cfg.bootstrap, seed=cfg.seed,
+                                                             with_baselines="baselines" in want))
     if "inproc" in want:
         from ctredge.benchmarks.inproc import inproc_latency_isolated
 
@@ -412,7 +415,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=256, help="candidates per ranking request, rows per batch request")
     p.add_argument("--providers", default="cpu", help="cpu or cpu,cuda (GPU section)")
     p.add_argument("--peer", choices=("pytriton", "none"), help="serve the same model through a peer server too")
-    p.add_argument("--skip", default="", help="sections to skip: accuracy,inproc,grpc,footprint,peer,gpu")
+    p.add_argument("--skip", default="", help="sections to skip: accuracy,baselines,inproc,grpc,footprint,peer,gpu")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and clients to cores")
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap resamples for the dAUC interval")
 

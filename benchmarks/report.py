@@ -242,7 +242,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     t1 = f"within dAUC {TARGET_DAUC} of the full model"
     if acc:
         ref = acc.get("reference")
-        variants = [m for m in acc.get("models", []) if m.get("name") != ref and m.get("kind") != "keras"]
+        variants = [m for m in acc.get("models", []) if m.get("name") != ref
+                    and m.get("kind") not in ("keras", "baseline")]
         if ref != "keras-full":
             t1 += f" (reference: {ref})"
         for m in variants:
@@ -350,7 +351,9 @@ def _summary(results: dict[str, Any]) -> str:
             r = _ratio(g64.get("predictions_per_s"), (_floor_of(rows, g64) or {}).get("predictions_per_s"))
             c64 = _int(g64.get("predictions_per_s")) + (f" ({r:.2f}x)" if r is not None and not _is_floor(g64)
                                                         else "") + (" *" if g64.get("client_saturated") else "")
-        body.append([name if name != FLOOR_MODEL else f"{FLOOR_MODEL} (no-op)", _int(size),
+        label = f"{FLOOR_MODEL} (no-op)" if name == FLOOR_MODEL else \
+            f"{name} (baseline)" if a.get("kind") == "baseline" else name
+        body.append([label, _int(size),
                      _f(_ratio(size, fp32_bytes), "{:.3f}"), _f(a.get("auc"), "{:.5f}"), dauc,
                      _f(a.get("pct_of_full_auc"), "{:.3f}%"), line99,
                      _f(p50.get((name, 1))), _f(p50.get((name, 256))), c1, c64])
@@ -366,6 +369,12 @@ def _summary(results: dict[str, Any]) -> str:
     if acc:
         notes.insert(0, f"Accuracy on {_int(acc.get('rows'))} rows ({acc.get('rows_source')}); "
                         f"dAUC against {acc.get('reference')}; x fp32 = bytes / ctr-fp32's bytes.")
+        base = acc.get("baselines") or {}
+        if base.get("status") == "measured":
+            notes.insert(1, "(baseline) rows: cheap models fit by `ctredge bench` on the same training rows and "
+                            "scored on the same rows (hashed LR, LightGBM), so the deep model's gain over them shows.")
+        elif base:
+            notes.insert(1, f"Baselines: {_not_measured(base.get('reason'))}.")
     return _table(header, body, "l" + "r" * 3 + "l" + "r" + "l" + "r" * 4) + "\n\n" + "\n".join(
         f"- {n}" for n in notes)
 
@@ -386,9 +395,19 @@ def _accuracy_md(results: dict[str, Any]) -> str:
                      f"synthetic data, whole file).")
     if acc.get("budget") is not None:
         lines.append(f"Budget of `compress all`: dAUC >= -{acc['budget']} (verdict column, from index.json).")
+    lines.append(_baselines_line(acc))
     body = []
     for m in acc.get("models", []):
         budget = NA if m.get("within_budget") is None else ("within" if m["within_budget"] else "OVER")
+        if m.get("kind") == "baseline" and m.get("scored", True) and _num(m.get("auc")) is not None:
+            ci = m.get("dauc_ci") or [None, None]
+            dauc = NA if _num(m.get("dauc")) is None else \
+                f"{m['dauc']:+.5f} [{_f(ci[0], '{:+.5f}')}, {_f(ci[1], '{:+.5f}')}]"
+            body.append([f"{m['name']} (baseline)", m.get("quantization") or NA, NA, NA, _f(m.get("auc"), "{:.5f}"),
+                         dauc, _f(m.get("pct_of_full_auc"), "{:.3f}%"), NA, NA, _f(m.get("logloss"), "{:.5f}"),
+                         _f(m.get("normalized_entropy"), "{:.4f}"), _f(m.get("calibration"), "{:.3f}"),
+                         _f(m.get("mean_prediction"), "{:.4f}"), _f(m.get("click_rate"), "{:.4f}"), NA])
+            continue
         if not m.get("scored", True) or _num(m.get("auc")) is None:
             body.append([m["name"], m.get("quantization") or NA, _int(m.get("bytes")), _f(m.get("x_fp32_bytes")),
                          f"not scored ({m.get('error', '')})"] + [NA] * 9 + [budget])
@@ -404,6 +423,22 @@ def _accuracy_md(results: dict[str, Any]) -> str:
     header = ["model", "quantization", "bytes", "x fp32", "AUC", "dAUC [95% CI]", "% of full", ">= 99%",
               ">= 99.9%", "logloss", "NE", "calibration", "pred. rate", "obs. rate", "budget"]
     return "\n".join(f"- {x}" for x in lines) + "\n\n" + _table(header, body, "llrrrlrllrrrrrl")
+
+
+def _baselines_line(acc: dict[str, Any]) -> str:
+    """The accuracy section's line on the baselines: what they are fit on and how long it took, or why not."""
+    base = acc.get("baselines")
+    if not base:
+        return "Baselines: not run (`ctredge bench` fits them unless `--skip baselines`)."
+    if base.get("status") != "measured":
+        return f"Baselines: {_not_measured(base.get('reason'))}."
+    fits = ", ".join(f"{m['name']} {_f(m.get('fit_seconds'), '{:.1f}')} s" for m in acc.get("models", [])
+                     if m.get("kind") == "baseline")
+    return (f"Baselines (rows marked *baseline*, no bytes or latency): fit by `ctredge bench` on the trained "
+            f"artifact's {_int(base.get('train_rows'))} training rows, tuned on its {_int(base.get('valid_rows'))} "
+            f"valid rows, scored on these {_int(base.get('test_rows'))} rows; dAUC against "
+            f"{base.get('reference') or 'no reference (its predictions were not available)'}; fit {fits} "
+            f"(+{_f(base.get('read_seconds'), '{:.1f}')} s reading the rows).")
 
 
 def _cells_table(cells: list[dict[str, Any]]) -> str:

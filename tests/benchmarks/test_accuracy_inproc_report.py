@@ -108,6 +108,36 @@ def test_accuracy_lists_an_unwritten_over_budget_variant(run, tmp_path):
     assert by["ctr-fp32"]["within_budget"] is True and res["budget"] == 0.0005
 
 
+def test_accuracy_with_baselines_puts_them_beside_the_models_in_the_report(run, acc, tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("lightgbm")
+    from ctredge.dataplan import DataPlan
+
+    res = accuracy_table(run["repo"], run["trained"], run["data"], bootstrap=10, with_baselines=True)
+    assert [m["name"] for m in res["models"]] == [FULL_MODEL] + VARIANTS + ["baseline-lr", "baseline-lgbm"]
+    assert res["baselines"]["status"] == "measured" and res["baselines"]["reference"] == FULL_MODEL
+    plan = DataPlan.from_manifest(run["manifest"]["data"])
+    assert res["baselines"]["train_rows"] == len(plan.read("train", _spec(run)))
+    for m in res["models"][-2:]:
+        assert m["kind"] == "baseline" and m["test_rows"] == res["rows"] == acc["rows"]
+        assert m["dauc"] is not None and m["bytes"] is None and m["within_budget"] is None
+    write_report({"accuracy": res}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    summary = md.split("## Accuracy")[0]
+    assert "| baseline-lr (baseline) | – | – |" in summary and "baseline-lgbm (baseline)" in summary
+    assert "| baseline-lr (baseline) |" in md.split("## Accuracy")[1]
+    saved = json.loads((tmp_path / "report.json").read_text())["accuracy"]
+    assert {m["name"] for m in saved["models"]} >= {"baseline-lr", "baseline-lgbm"}
+    assert all(t["model"] not in ("baseline-lr", "baseline-lgbm")
+               for t in json.loads((tmp_path / "report.json").read_text())["targets"])
+
+
+def _spec(run):
+    from ctredge.features import FeatureSpec
+
+    return FeatureSpec.load(str(run["trained"] / "feature_spec.json"))
+
+
 # ------------------------------------------------------------------ in-process latency
 def test_inproc_has_a_cell_per_model_and_batch_with_ordered_percentiles(inproc):
     cells = {(c["model"], c["batch"]): c for c in inproc["cells"]}
