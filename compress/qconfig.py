@@ -44,7 +44,9 @@ class QuantizeConfig:
 
     Dynamic int8: ``dynamic_weight_type``, ``dynamic_per_channel``,
     ``dynamic_op_types`` (``Gather`` included: ORT then stores the tables per-tensor
-    int8, the stock ORT recipe this variant stands for).
+    int8, the stock ORT recipe this variant stands for).  ``reduce_range`` applies
+    here too: dynamic int8 runs the same U8S8 kernels (on the demo dcnv2 its dAUC
+    went from -0.0007 to +0.0001 with it, within the noise).
 
     Row-wise embeddings (``emb-*``): tables with at least ``emb_min_rows`` rows
     whose quantized form is smaller than fp32 (``dim >= 2``) are rewritten;
