@@ -43,6 +43,7 @@ re-checks that ISA at load.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -309,8 +310,6 @@ def int8_record(proto: Any, feeds: Any, labels: np.ndarray, p_fused: np.ndarray,
     "within_tolerance", "overflow_fraction", "saturation_kernel", "layers",
     "may_saturate_without_vnni"}`` (:mod:`ctredge.compress.int8check`).
     """
-    import json as _json
-
     from ctredge.compress.int8check import fused_vs_simulated, saturation_risk
     from ctredge.compress.qconfig import METADATA_QUANTIZATION_CONFIG
     from ctredge.cpuinfo import cpu_isa
@@ -319,7 +318,7 @@ def int8_record(proto: Any, feeds: Any, labels: np.ndarray, p_fused: np.ndarray,
     fused = fused_vs_simulated(proto, feeds, labels, p_fused=p_fused)
     risk = saturation_risk(proto, calib_feeds)
     frac = risk["overflow_fraction"]
-    return {"config": _json.loads(read_metadata(proto).get(METADATA_QUANTIZATION_CONFIG, "{}")), "isa": cpu_isa(),
+    return {"config": json.loads(read_metadata(proto).get(METADATA_QUANTIZATION_CONFIG, "{}")), "isa": cpu_isa(),
             "fused_vs_simulated": fused, "tolerance": tolerance,
             "within_tolerance": bool(fused["max_abs_diff"] <= tolerance), "overflow_fraction": frac,
             "saturation_kernel": risk["kernel"], "layers": risk["layers"],
