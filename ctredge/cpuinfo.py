@@ -50,7 +50,8 @@ def describe_isa(isa: dict[str, Any] | None) -> str:
     """One line for logs: ``'AMD EPYC (avx2, avx512_vnni)'``; ``'unknown'`` for ``None``."""
     if not isa:
         return "unknown"
-    flags = [f for f, on in (isa.get("flags") or {}).items() if on]
+    given = isa.get("flags") or {}
+    flags = [f for f in ISA_FLAGS if given.get(f)] + sorted(f for f, on in given.items() if on and f not in ISA_FLAGS)
     return f"{isa.get('model_name', 'unknown')} ({', '.join(flags) or 'no avx2/vnni flags'})"
 
 
