@@ -28,10 +28,22 @@ The budget: AUC of the variant minus AUC of the full *Keras* model on the
 held-out test rows of the trained artifact's manifest, with a paired bootstrap
 95% interval; a variant that loses more than ``budget`` is listed with
 ``within_budget: false`` and written only with ``allow_over_budget``.
+
+The int8 gate: every static int8 variant (``ctr-int8``, ``ctr-edge``) is also
+scored with ONNX Runtime's optimizations off, where QuantizeLinear /
+DequantizeLinear run as float ops (:mod:`ctredge.compress.int8check`).  One whose
+fused int8 predictions differ from that float simulation by more than
+``int8_tolerance`` is refused (listed with ``refused``: the reason; not written,
+whatever ``allow_over_budget`` says): its kernels break the quantization on this
+CPU.  Its manifest's ``extra.int8`` and its index entry's ``int8`` record the
+quantization config, both figures and AUCs, the int16 overflow fraction of its
+U8S8 kernels on x86 without VNNI, and the ISA it was compressed on; the server
+re-checks that ISA at load.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -44,6 +56,7 @@ import numpy as np
 
 from ctredge import metrics as M
 from ctredge.artifacts import manifest_hash, read_manifest, sha256_file, staged_dir, write_manifest
+from ctredge.compress.int8check import DEFAULT_TOLERANCE
 from ctredge.config import config_to_dict
 from ctredge.errors import ConfigError
 from ctredge.features import METADATA_KEY
@@ -86,6 +99,9 @@ class CompressConfig:
     prune_epochs: int = 2
     measure_rss: bool = True
     seed: int = 0
+    #: max |fused int8 - float-simulated| probability on the test rows; over it an int8 variant is refused
+    #: even with allow_over_budget (its kernels disagree with its own quantization); why 0.01: int8check
+    int8_tolerance: float = DEFAULT_TOLERANCE
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.variants) - set(VARIANTS))
@@ -94,6 +110,8 @@ class CompressConfig:
                               f"expected some of {list(VARIANTS)}")
         if not self.budget >= 0:
             raise ConfigError(f"compress all: budget must be >= 0, got {self.budget}")
+        if not self.int8_tolerance >= 0:
+            raise ConfigError(f"compress all: int8_tolerance must be >= 0, got {self.int8_tolerance}")
         if self.version < 1 or self.bootstrap < 10:
             raise ConfigError(f"compress all: version must be >= 1 and bootstrap >= 10, "
                               f"got {self.version} and {self.bootstrap}")
@@ -176,8 +194,9 @@ def compress_trained(trained: Any, plan: Any, held: Any, repo: str | os.PathLike
     ``REPO-work`` beside the repository) and whether to redo reusable ones.
     Each variant is scored against the Keras model on the test rows; one that
     loses more than the budget is listed with ``within_budget: false`` and
-    written only with ``allow_over_budget``.  Returns the index dict written to
-    ``REPO/index.json``.
+    written only with ``allow_over_budget``; a static int8 variant over the
+    fused-vs-simulated ``int8_tolerance`` is refused (module docstring).
+    Returns the index dict written to ``REPO/index.json``.
 
     Raises:
         ValidationError: an export disagrees with Keras.
@@ -211,18 +230,33 @@ def compress_trained(trained: Any, plan: Any, held: Any, repo: str | os.PathLike
         proto = _load_onnx(src_path) if kind is None else quantize(src_path, kind, calibration)
         set_metadata(proto, {"ctredge.model_name": name, "ctredge.model_version": str(cfg.version),
                              "ctredge.quantization": kind or "none"})
-        entry = _score(name, source, kind, ort_predict(proto, test.feeds), p_ref, test.labels, cfg)
+        p = ort_predict(proto, test.feeds)
+        entry = _score(name, source, kind, p, p_ref, test.labels, cfg)
+        int8 = None
+        if kind is not None and "int8-static" in kind.split("+"):
+            int8 = int8_record(proto, test.feeds, test.labels, p, calib.feeds, cfg.int8_tolerance)
+            entry["int8"] = {k: v for k, v in int8.items() if k != "layers"}
+            if not int8["within_tolerance"]:
+                entry["written"] = False
+                entry["refused"] = (f"fused int8 output differs from its float simulation by "
+                                    f"{int8['fused_vs_simulated']['max_abs_diff']:.4f} (tolerance "
+                                    f"{cfg.int8_tolerance}) on {int8['isa']['model_name']}")
         if entry["written"]:
             final = layout.version_dir(name, cfg.version)
             with staged_dir(final) as tmp:
                 save_model(proto, tmp / "model.onnx")
                 write_manifest(tmp, stage="variant", config=config_to_dict(cfg), parent=sources[source],
                                metrics={**entry, "reference_keras_auc": ref["auc"], "test_rows": len(test)},
-                               data=trained.manifest["data"], extra={"budget": cfg.budget})
+                               data=trained.manifest["data"],
+                               extra={"budget": cfg.budget, **({"int8": int8} if int8 is not None else {})})
             _write_serving_config(layout.model_dir(name), name)
             entry["size_bytes"] = layout.version_bytes(name, cfg.version)
             entry["model_sha256"] = sha256_file(layout.model_path(name, cfg.version))
             entry["rss_bytes"] = session_rss_bytes(layout.model_path(name, cfg.version)) if cfg.measure_rss else None
+        elif entry.get("refused"):
+            log.warning("%s refused: %s; not written", name, entry["refused"])
+            entry["size_bytes"] = len(proto.SerializeToString())
+            entry["rss_bytes"] = None
         else:
             log.warning("%s loses %.5f AUC (budget %.5f): not written (use --allow-over-budget)",
                         name, -entry["dauc"], cfg.budget)
@@ -237,7 +271,7 @@ def compress_trained(trained: Any, plan: Any, held: Any, repo: str | os.PathLike
         "trained": str(trained.folder), "keras_test_auc": ref["auc"], "keras_summary": ref,
         "test_rows": len(test), "budget": cfg.budget, "bootstrap": cfg.bootstrap, "seed": cfg.seed,
         "confidence": BOOTSTRAP_CONFIDENCE, "trained_manifest_sha256": manifest_hash(trained.folder),
-        "feature_spec_key": METADATA_KEY}}
+        "feature_spec_key": METADATA_KEY, "int8_tolerance": cfg.int8_tolerance}}
     layout.write_index(index)
     return index
 
@@ -264,6 +298,31 @@ def _score(name: str, source: str, kind: str | None, p: np.ndarray, p_ref: np.nd
         "max_abs_diff_vs_keras": float(np.max(np.abs(p - p_ref))),
         "written": bool(within or cfg.allow_over_budget),
     }
+
+
+def int8_record(proto: Any, feeds: Any, labels: np.ndarray, p_fused: np.ndarray, calib_feeds: Any,
+                tolerance: float) -> dict[str, Any]:
+    """What a static int8 variant's manifest records: config, ISA, fused-vs-simulated figures, int16 overflow.
+
+    Takes the quantized model, the test feeds and labels, its fused predictions
+    on them, the calibration feeds (for the overflow measurement) and the
+    tolerance.  Returns ``{"config", "isa", "fused_vs_simulated", "tolerance",
+    "within_tolerance", "overflow_fraction", "saturation_kernel", "layers",
+    "may_saturate_without_vnni"}`` (:mod:`ctredge.compress.int8check`).
+    """
+    from ctredge.compress.int8check import fused_vs_simulated, saturation_risk
+    from ctredge.compress.qconfig import METADATA_QUANTIZATION_CONFIG
+    from ctredge.cpuinfo import cpu_isa
+    from ctredge.export.onnx import read_metadata
+
+    fused = fused_vs_simulated(proto, feeds, labels, p_fused=p_fused)
+    risk = saturation_risk(proto, calib_feeds)
+    frac = risk["overflow_fraction"]
+    return {"config": json.loads(read_metadata(proto).get(METADATA_QUANTIZATION_CONFIG, "{}")), "isa": cpu_isa(),
+            "fused_vs_simulated": fused, "tolerance": tolerance,
+            "within_tolerance": bool(fused["max_abs_diff"] <= tolerance), "overflow_fraction": frac,
+            "saturation_kernel": risk["kernel"], "layers": risk["layers"],
+            "may_saturate_without_vnni": frac is None or frac > 0}
 
 
 def _write_serving_config(model_dir: Path, name: str) -> None:

@@ -130,6 +130,8 @@ def cmd_compress_all(args: argparse.Namespace) -> int:
 
     kwargs: dict[str, Any] = {"budget": args.budget, "allow_over_budget": args.allow_over_budget,
                               "version": args.version, "vocab_min_count": args.vocab_min_count}
+    if args.int8_tolerance is not None:
+        kwargs["int8_tolerance"] = args.int8_tolerance
     if args.variants:
         kwargs["variants"] = tuple(args.variants.split(","))
     index = compress_all(args.dir, args.out, CompressConfig(**kwargs), force=args.force)
@@ -275,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--variants", help="comma-separated subset (default: all six)")
     ca.add_argument("--budget", type=float, default=0.0005, help="max AUC loss against the full Keras model")
     ca.add_argument("--allow-over-budget", action="store_true")
+    ca.add_argument("--int8-tolerance", type=float, default=None,
+                    help="max |fused int8 - float-simulated| probability (default 0.01); over it a static int8 "
+                         "variant is refused, even with --allow-over-budget")
     ca.add_argument("--version", type=int, default=1)
     ca.add_argument("--vocab-min-count", type=int, default=2)
     ca.add_argument("--force", action="store_true", help="redo the export and pruning even if reusable")

@@ -21,7 +21,7 @@ def index_table(index: dict[str, Any]) -> str:
         rss = f"{e['rss_bytes'] / 2**20:.1f}" if e.get("rss_bytes") else "-"
         rows.append([e["name"], e["quantization"], f"{e['size_bytes']:,}", ratio, rss, f"{e['test_auc']:.5f}",
                      f"{e['dauc']:+.5f} [{e['dauc_ci'][0]:+.5f}, {e['dauc_ci'][1]:+.5f}]",
-                     "yes" if e["within_budget"] else "NO"])
+                     "REFUSED: " + e["refused"] if e.get("refused") else "yes" if e["within_budget"] else "NO"])
     ref = index["reference"]
     return (markdown_table(["variant", "quantization", "bytes", "x fp32", "RSS MiB", "test AUC", "dAUC [95% CI]",
                             "within budget"], rows)

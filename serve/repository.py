@@ -131,6 +131,19 @@ def verify_files(mv: ModelVersion) -> None:
             raise IntegrityError(f"{mv.name} v{mv.version}: {rel} does not match the sha256 in its {MANIFEST}")
 
 
+def _log_int8_isa(mv: ModelVersion, label: str) -> None:
+    """Log the verdict on the int8 ISA its verified manifest records (:func:`ctredge.cpuinfo.int8_isa_check`)."""
+    from ctredge.cpuinfo import int8_isa_check
+
+    try:
+        manifest = json.loads((mv.path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no manifest (or verify_files already refused it)
+    verdict = int8_isa_check(label, manifest)
+    if verdict is not None:
+        log.log(*verdict)
+
+
 def public_reason(exc: BaseException) -> str:
     """What a client is told about a version that failed to load: the kind of failure, never paths or contents."""
     if isinstance(exc, ConfigError):
@@ -179,6 +192,7 @@ def load_version(mv: ModelVersion, *, executor: Executor | None = None, settings
     if not model_file.is_file():
         raise LoadError(f"{label}: {model_file} is missing", f"its {MODEL_FILE} is missing")
     verify_files(mv)
+    _log_int8_isa(mv, label)
     threads = cfg.intra_op_threads if settings.intra_op_threads is None else settings.intra_op_threads
     providers = settings.providers or cfg.providers
     session, provider = create_session(str(model_file), providers=providers, intra_op_threads=threads,

@@ -73,6 +73,36 @@ def test_full_model_variants_meet_the_budget_and_shrink(repo):
     assert cfg["dynamic_batching"]["enabled"] is False and "batch-mates" in cfg["notes"]
 
 
+def test_static_int8_variants_record_the_int8_check_and_the_isa(repo):
+    out, index = repo
+    by = {e["name"]: e for e in index["models"]}
+    for name in ("ctr-int8", "ctr-edge"):
+        rec = by[name]["int8"]
+        fused = rec["fused_vs_simulated"]
+        assert fused["rows"] == index["reference"]["test_rows"] and 0.0 <= fused["max_abs_diff"] <= rec["tolerance"]
+        assert rec["within_tolerance"] and "refused" not in by[name]
+        assert abs(fused["auc_fused"] - by[name]["test_auc"]) < 1e-12
+        assert rec["config"]["reduce_range"] is True and rec["overflow_fraction"] == 0.0  # the safe default
+        assert set(rec["isa"]["flags"]) >= {"avx2", "avx512_vnni", "avx_vnni"} and rec["isa"]["model_name"]
+        manifest = json.loads((out / name / "1" / "manifest.json").read_text())
+        assert manifest["extra"]["int8"]["overflow_fraction"] == 0.0 and manifest["extra"]["int8"]["layers"]
+    assert "int8" not in by["ctr-fp32"] and "int8" not in by["ctr-int8-dynamic"]
+
+
+def test_int8_variant_over_the_fused_tolerance_is_refused(trained, tmp_path):
+    out = tmp_path / "tolerance0"
+    index = compress_all(trained, out, CompressConfig(variants=("ctr-fp32", "ctr-int8"), int8_tolerance=0.0,
+                                                      allow_over_budget=True, bootstrap=20, measure_rss=False),
+                         work_dir=tmp_path / "work")
+    by = {e["name"]: e for e in index["models"]}
+    int8 = by["ctr-int8"]
+    assert int8["int8"]["fused_vs_simulated"]["max_abs_diff"] > 0  # fused kernels round differently
+    assert not int8["written"] and "float simulation" in int8["refused"] and "tolerance 0.0" in int8["refused"]
+    assert not (out / "ctr-int8").exists() and (out / "ctr-fp32" / "1" / "model.onnx").is_file()
+    with pytest.raises(ConfigError, match="int8_tolerance"):
+        CompressConfig(int8_tolerance=-1.0)
+
+
 def test_over_budget_variant_is_listed_but_not_written(trained, tmp_path):
     out = tmp_path / "strict"
     index = compress_all(trained, out, CompressConfig(variants=("ctr-fp32", "ctr-int8-dynamic"), budget=0.0,
