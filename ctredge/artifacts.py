@@ -135,12 +135,14 @@ def manifest_hash(folder: str | os.PathLike[str]) -> str:
 
 
 def read_manifest(
-    folder: str | os.PathLike[str], *, stage: str | tuple[str, ...] | None = None, verify: bool = True
+    folder: str | os.PathLike[str], *, stage: str | tuple[str, ...] | None = None, verify: bool = True,
+    unchecked: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load and verify an artifact's manifest.
 
-    Takes the folder, the expected stage(s) and whether to re-hash the files.
-    Returns the manifest dict.
+    Takes the folder, the expected stage(s), whether to re-hash the files, and
+    the listed files not to re-hash (``unchecked``: e.g. a config the operator may
+    edit).  Returns the manifest dict.
 
     Raises:
         ArtifactError: no manifest, unreadable JSON, wrong stage, or a listed file
@@ -164,6 +166,8 @@ def read_manifest(
     if verify:
         problems = []
         for rel, info in manifest.get("files", {}).items():
+            if rel in unchecked:
+                continue
             fp = folder / rel
             if not fp.is_file():
                 problems.append(f"{rel} is missing")

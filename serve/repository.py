@@ -21,7 +21,6 @@ Each model's settings are its ``config.json``, a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from concurrent.futures import Executor
@@ -29,14 +28,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ctredge.artifacts import MANIFEST, sha256_file
-from ctredge.errors import ConfigError, CtrEdgeError
+from ctredge.artifacts import MANIFEST, read_manifest
+from ctredge.errors import ArtifactError, ConfigError, CtrEdgeError
 from ctredge.features import METADATA_KEY, FeatureSpec
 from ctredge.layout import MODEL_FILE, RepositoryLayout, is_model_name
-from ctredge.serving_config import (  # noqa: F401  (re-exported: the server's view of config.json)
-    CONFIG_FILE, DynamicBatching, RequestLimits, ServingConfig, VersionPolicy, read_serving_config,
-    serving_config_from_dict, serving_config_to_dict, write_serving_config,
-)
+from ctredge.serving_config import CONFIG_FILE, ServingConfig, VersionPolicy, read_serving_config
+from ctredge.serve.codec import shown
 from ctredge.serve.errors import GpuRequired, IntegrityError, LoadError, ModelNotFound, ModelUnavailable
 from ctredge.serve.runtime import Runner, create_session
 from ctredge.serve.signature import CtrSignature, PlainSignature, check_session
@@ -82,14 +79,6 @@ class ModelVersion:
         return getattr(self.signature, "spec", None)
 
 
-MAX_NAME_SHOWN = 64
-
-
-def shown(name: str) -> str:
-    """``repr`` of a client-given name, truncated to :data:`MAX_NAME_SHOWN` characters for messages."""
-    return repr(name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "...")
-
-
 def fingerprint(path: Path) -> tuple:
     """(name, size, mtime_ns) of every file under ``path`` (a model or version folder), sorted."""
     out = []
@@ -103,42 +92,29 @@ def fingerprint(path: Path) -> tuple:
     return tuple(out)
 
 
-def verify_files(mv: ModelVersion) -> None:
+def verify_files(mv: ModelVersion) -> dict[str, Any] | None:
     """Check the version's files against its ``manifest.json`` when it has one (``compress`` writes it).
 
-    ``config.json`` is the operator's to edit and is not checked.
+    ``config.json`` is the operator's to edit and is not checked.  Returns the
+    manifest, or None when the version has none.
 
     Raises:
-        IntegrityError: a listed file is missing or its size or sha256 changed.
+        IntegrityError: the manifest is unreadable, or a listed file is missing or changed.
     """
-    path = mv.path / MANIFEST
-    if not path.is_file():
-        return
+    if not (mv.path / MANIFEST).is_file():
+        return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        files = manifest["files"] if isinstance(manifest, dict) else None
-        if not isinstance(files, dict):
-            raise ValueError("no 'files' table")
-    except (OSError, ValueError, KeyError) as exc:
-        raise IntegrityError(f"{mv.name} v{mv.version}: {path} cannot be read: {exc}") from exc
-    for rel, info in sorted(files.items()):
-        if rel == CONFIG_FILE or not isinstance(info, dict):
-            continue
-        fp = mv.path / rel
-        if not fp.is_file():
-            raise IntegrityError(f"{mv.name} v{mv.version}: {rel} is listed in {MANIFEST} but missing")
-        if fp.stat().st_size != info.get("bytes") or sha256_file(fp) != info.get("sha256"):
-            raise IntegrityError(f"{mv.name} v{mv.version}: {rel} does not match the sha256 in its {MANIFEST}")
+        return read_manifest(mv.path, unchecked=(CONFIG_FILE,))
+    except ArtifactError as exc:
+        raise IntegrityError(f"{mv.name} v{mv.version}: {exc}") from exc
 
 
-def _log_int8_isa(mv: ModelVersion, label: str) -> None:
-    """Log the verdict on the int8 ISA its verified manifest records (:func:`ctredge.cpuinfo.int8_isa_check`)."""
+def _log_int8_isa(manifest: dict[str, Any] | None, label: str) -> None:
+    """Log the verdict on the int8 ISA a verified manifest records (:func:`ctredge.cpuinfo.int8_isa_check`)."""
     from ctredge.cpuinfo import int8_isa_check
 
-    try:
-        manifest = json.loads((mv.path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # no manifest (or verify_files already refused it)
+    if manifest is None:
+        return
     verdict = int8_isa_check(label, manifest)
     if verdict is not None:
         log.log(*verdict)
@@ -191,8 +167,7 @@ def load_version(mv: ModelVersion, *, executor: Executor | None = None, settings
     model_file = mv.path / MODEL_FILE
     if not model_file.is_file():
         raise LoadError(f"{label}: {model_file} is missing", f"its {MODEL_FILE} is missing")
-    verify_files(mv)
-    _log_int8_isa(mv, label)
+    _log_int8_isa(verify_files(mv), label)
     threads = cfg.intra_op_threads if settings.intra_op_threads is None else settings.intra_op_threads
     providers = settings.providers or cfg.providers
     session, provider = create_session(str(model_file), providers=providers, intra_op_threads=threads,

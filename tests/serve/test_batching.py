@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc
 from ctredge.serve.batcher import Scheduler, pad_rows
 from ctredge.serve.codec import build_request, decode_response
 from ctredge.serve.errors import DeadlineExceeded, ResourceExhausted
-from ctredge.serve.repository import DynamicBatching
+from ctredge.serving_config import DynamicBatching
 from ctredge.serve.runtime import Runner, create_session
 from ctredge.serve.server import ServerThread
 

@@ -17,19 +17,26 @@ from tritonclient.grpc import service_pb2_grpc
 from ctredge.serve.codec import build_request, decode_response
 
 
+def _serve(repo, grace_seconds: float) -> tuple[subprocess.Popen, str]:
+    """``ctredge serve`` on ``repo`` in a subprocess, once it prints its address; returns (process, url)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(repo),
+                             "--port", "0", "--grace-seconds", str(grace_seconds)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = proc.stdout.readline()
+    if " on " not in line:
+        proc.kill()
+        raise AssertionError(proc.stderr.read())
+    return proc, line.rsplit(" on ", 1)[1].strip()
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
     spec = small_spec()
     save(mlp_model(spec), tmp_path / "slow" / "1" / "model.onnx")
     # requests wait up to 400 ms in the batching queue: they are in flight when SIGTERM comes
     (tmp_path / "slow" / "config.json").write_text(json.dumps(
         {"instances": 1, "dynamic_batching": {"max_queue_delay_us": 400_000}}))
-    proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(tmp_path),
-                             "--port", "0", "--grace-seconds", "5"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, url = _serve(tmp_path, grace_seconds=5)
     try:
-        line = proc.stdout.readline()
-        assert " on " in line, proc.stderr.read()
-        url = line.rsplit(" on ", 1)[1].strip()
         with grpc.insecure_channel(url) as ch:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
             health = health_pb2_grpc.HealthStub(ch)
@@ -64,13 +71,8 @@ def test_sigterm_with_many_calls_in_flight_cancels_none(tmp_path):
     spec = small_spec()
     save(mlp_model(spec, hidden=(256, 256)), tmp_path / "slow" / "1" / "model.onnx")
     (tmp_path / "slow" / "config.json").write_text(json.dumps({"instances": 1, "inline_max_rows": 0}))
-    proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(tmp_path),
-                             "--port", "0", "--grace-seconds", "20"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, url = _serve(tmp_path, grace_seconds=20)
     try:
-        line = proc.stdout.readline()
-        assert " on " in line, proc.stderr.read()
-        url = line.rsplit(" on ", 1)[1].strip()
         channels = [grpc.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
         stubs = [service_pb2_grpc.GRPCInferenceServiceStub(ch) for ch in channels]
         request = build_request("slow", contract_feeds(spec, 256))

@@ -11,8 +11,9 @@ from servekit import ctr_model, plain_model, save, small_spec
 from ctredge.errors import ConfigError
 from ctredge.features import METADATA_KEY
 from ctredge.serve.errors import ModelNotFound, ModelUnavailable
-from ctredge.serve.repository import (
-    DynamicBatching, Repository, ServingConfig, VersionPolicy, read_serving_config, serving_config_from_dict,
+from ctredge.serve.repository import Repository
+from ctredge.serving_config import (
+    DynamicBatching, ServingConfig, VersionPolicy, read_serving_config, serving_config_from_dict,
     serving_config_to_dict, write_serving_config,
 )
 
