@@ -146,7 +146,7 @@ DESCRIPTIONS = {LR_MODEL: "baseline: hashed LR (ids, pairwise crosses, dense bin
 def baselines(manifest: dict[str, Any] | None, spec: FeatureSpec, test: Batch, *,
               reference: np.ndarray | None = None, reference_name: str | None = None,
               bootstrap: int = 200, seed: int = 0, confidence: float = 0.95,
-              rows_source: str | None = None) -> dict[str, Any]:
+              rows_source: str | None = None, keep_predictions: bool = False) -> dict[str, Any]:
     """Fit both baselines on the manifest's training rows and score them on ``test``.
 
     Takes the trained artifact's manifest (its data plan gives the train and
@@ -156,8 +156,9 @@ def baselines(manifest: dict[str, Any] | None, spec: FeatureSpec, test: Batch, *
     Returns ``{"status": "measured" | "not measured", "reason": str, "rows": [...], ...}``;
     each row is an accuracy-table row (``kind: "baseline"``) with the exact
     metrics, ``fit_seconds``, ``train_rows``, ``valid_rows``, ``test_rows`` and the
-    fit's ``info``.  A baseline that fails is a row with its ``error``; missing
-    packages or a missing data plan give "not measured" with the reason.
+    fit's ``info`` (and, with ``keep_predictions``, its test ``predictions``).
+    A baseline that fails is a row with its ``error``; missing packages or a
+    missing data plan give "not measured" with the reason.
     """
     missing = missing_packages()
     if missing:
@@ -191,6 +192,8 @@ def baselines(manifest: dict[str, Any] | None, spec: FeatureSpec, test: Batch, *
             p, info = fit(enc, train, valid, test)
             row.update(_scored(test.labels, np.asarray(p, dtype=np.float64), reference, bootstrap, seed,
                                confidence), info=info)
+            if keep_predictions:
+                row["predictions"] = np.asarray(p, dtype=np.float64)
         except Exception as exc:  # one baseline's failure is reported, the other still runs
             row.update(scored=False, error=f"{type(exc).__name__}: {exc}")
             log.warning("baselines: %s failed: %s", name, row["error"])

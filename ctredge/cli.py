@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         spec=args.spec, criteo_buckets=args.buckets, batch_size=args.batch_size, epochs=args.epochs,
         learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
         split_valid=args.split_valid, split_test=args.split_test, skip_bad_rows=args.skip_bad_rows,
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=1 if sys.stdout.isatty() else 2, **({} if args.min_count is None else {"min_count": args.min_count}),
     )
     manifest = train(cfg, _model_config(args))
     m = manifest["metrics"]
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split-valid", type=float, default=0.1)
     t.add_argument("--split-test", type=float, default=0.1)
     t.add_argument("--skip-bad-rows", action="store_true")
+    t.add_argument("--min-count", type=int,
+                   help="ids seen fewer times in the training rows share their feature's out-of-vocabulary row "
+                        "(default: TrainConfig's; 1 keeps every id)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="AUC, logloss, calibration of a trained artifact")

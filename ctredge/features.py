@@ -96,15 +96,29 @@ class DenseFeature:
 
 @dataclass(frozen=True)
 class CatFeature:
-    """One column of ``cat``: raw values hashed into ``buckets`` ids (id 0 = empty)."""
+    """One column of ``cat``: raw values hashed into ``buckets`` ids (id 0 = empty).
+
+    ``vocabulary`` (default: the feature's own name) is the hash namespace:
+    features that name the same vocabulary (and have the same ``buckets``) give
+    the same raw value the same id, so a model can compare them (a search
+    query's category with the candidate's category, say).
+    """
 
     name: str
     buckets: int
     side: str = "context"
+    vocabulary: str | None = None
+
+    @property
+    def hash_name(self) -> str:
+        """The name its raw values are hashed under: its vocabulary, else its own name."""
+        return self.vocabulary or self.name
 
     def __post_init__(self) -> None:
         _check_name(self.name)
         _check_side(self.name, self.side)
+        if self.vocabulary is not None:
+            _check_name(self.vocabulary)
         if not isinstance(self.buckets, int) or isinstance(self.buckets, bool) or self.buckets < 2:
             raise SpecError(
                 f"categorical feature {self.name!r}: buckets must be an integer >= 2 "
@@ -150,6 +164,13 @@ class FeatureSpec:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise SpecError(f"feature names must be unique, repeated: {dupes}")
+        sizes: dict[str, set[int]] = {}
+        for f in self.cat:
+            sizes.setdefault(f.hash_name, set()).add(f.buckets)
+        mixed = sorted(v for v, b in sizes.items() if len(b) > 1)
+        if mixed:
+            raise SpecError(f"categorical features sharing a vocabulary must have the same buckets; "
+                            f"vocabularies {mixed} have {[sorted(sizes[v]) for v in mixed]}")
         if self.hash_algorithm != HASH_ALGORITHM:
             raise SpecError(
                 f"hash_algorithm {self.hash_algorithm!r} is not supported; "
@@ -241,7 +262,7 @@ class FeatureSpec:
         raw = _as_2d_raw(raw, self.n_cat, "cat_raw")
         out = np.empty(raw.shape, dtype=np.int64)
         for j, feat in enumerate(self.cat):
-            out[:, j] = hash_values(raw[:, j], feat.name, feat.buckets)
+            out[:, j] = hash_values(raw[:, j], feat.hash_name, feat.buckets)
         return out
 
     def hash_history(self, raw_lists: Sequence[Sequence[Any]]) -> np.ndarray:
@@ -259,7 +280,7 @@ class FeatureSpec:
         if lengths.sum() == 0:
             return out
         flat = [v for r in kept for v in r]
-        ids = hash_values(flat, feat.name, feat.buckets)
+        ids = hash_values(flat, feat.hash_name, feat.buckets)
         rows = np.repeat(np.arange(len(kept)), lengths)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         cols = np.arange(len(flat)) - np.repeat(starts, lengths)

@@ -520,7 +520,7 @@ class HashMemo:
                 raise InvalidInput(f"input {name!r}: row {row}, feature {feat.name!r}: raw value of "
                                    f"{len(values[row])} bytes, expected at most {self.max_value_bytes}")
             hashed = hash_values(_bytes_column(name, np.array(fresh_values, dtype=object), feat.name),
-                                 feat.name, feat.buckets).tolist()
+                                 feat.hash_name, feat.buckets).tolist()
             fresh = dict(zip(fresh_values, hashed))
             for v, h in fresh.items():
                 table[(key, v)] = h

@@ -120,15 +120,31 @@ class SharedEmbedding(keras.layers.Layer):
     input of its own ``Gather`` (what row-wise embedding quantization rewrites).
     The remap costs 4 bytes per bucket against ``4 * dim`` per dropped row.
 
+    History attributes (``attr_offsets``, one global offset per attribute field):
+    a third input ``attr`` ``[B, L, F]`` (:class:`ItemAttributes`) embeds as
+    ``E[attr_offsets[f] + attr[b, t, f]] * 1{attr != 0}`` -> ``[B, L, F, dim]``,
+    so a past item's category shares the row of the candidate's category.
+
+    Learning-rate scale (``lr_scale`` = ``s``): the layer stores ``E / s`` and
+    multiplies each looked-up row by ``s``.  The function is the same, but Adam's
+    step (about ``lr`` per weight, whatever the gradient's size) moves ``E`` by
+    ``s * lr``: the embeddings learn at ``s`` times the dense layers' rate, the
+    per-parameter-group learning rate that Keras' single optimizer lacks.
+
     Takes: ``total_buckets``, ``dim``, ``offsets`` (one per cat feature),
     ``hist_offset`` (None when there is no history), ``embeddings_initializer``,
-    ``kept_rows`` (None = no remap, the table has ``total_buckets`` rows).
-    Input ``cat`` int ``[B, n_cat]`` or ``[cat, hist]``; output the embedding(s).
+    ``kept_rows`` (None = no remap, the table has ``total_buckets`` rows), ``attr_offsets``.
+    Input ``cat`` int ``[B, n_cat]``, ``[cat, hist]`` or ``[cat, hist, attr]``; output the embedding(s).
     """
 
     def __init__(self, total_buckets: int, dim: int, offsets: Sequence[int], hist_offset: int | None = None,
-                 embeddings_initializer: Any = "uniform", kept_rows: int | None = None, **kwargs: Any) -> None:
+                 embeddings_initializer: Any = "uniform", kept_rows: int | None = None,
+                 attr_offsets: Sequence[int] | None = None, lr_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.lr_scale = float(lr_scale)
+        if not self.lr_scale > 0:
+            raise ValueError(f"SharedEmbedding: lr_scale must be > 0, got {lr_scale}")
+        self.attr_offsets = None if attr_offsets is None else [int(o) for o in attr_offsets]
         self.total_buckets = int(total_buckets)
         self.dim = int(dim)
         self.offsets = [int(o) for o in offsets]
@@ -145,8 +161,11 @@ class SharedEmbedding(keras.layers.Layer):
 
     def build(self, input_shape: Any) -> None:
         rows = self.total_buckets if self.kept_rows is None else self.kept_rows
-        self.embeddings = self.add_weight(name="embeddings", shape=(rows, self.dim),
-                                          initializer=self.embeddings_initializer)
+        init = self.embeddings_initializer
+        if self.lr_scale != 1.0:
+            base = init
+            init = lambda shape, dtype=None: base(shape, dtype=dtype) / self.lr_scale  # noqa: E731
+        self.embeddings = self.add_weight(name="embeddings", shape=(rows, self.dim), initializer=init)
         self.remap = None
         if self.kept_rows is not None:  # filled in by the pruner; zeros (all -> row 0) is a valid start
             self.remap = self.add_weight(name="remap", shape=(self.total_buckets,), dtype="int32",
@@ -156,7 +175,8 @@ class SharedEmbedding(keras.layers.Layer):
         """``E[rows]``, through the remap when the vocabulary was pruned."""
         if self.remap is not None:
             rows = tf.gather(self.remap, rows)
-        return tf.gather(self.embeddings, rows)
+        out = tf.gather(self.embeddings, rows)
+        return out * self.lr_scale if self.lr_scale != 1.0 else out
 
     def call(self, inputs: Any) -> Any:
         with_hist = isinstance(inputs, (list, tuple))
@@ -170,7 +190,13 @@ class SharedEmbedding(keras.layers.Layer):
         hist = inputs[1]
         rows = hist + tf.constant(self.hist_offset, hist.dtype) if self.hist_offset else hist
         hist_emb = self._lookup(rows) * tf.expand_dims(_valid_mask(hist, cat_emb.dtype), -1)
-        return cat_emb, hist_emb
+        if len(inputs) == 2:
+            return cat_emb, hist_emb
+        if self.attr_offsets is None:
+            raise ValueError("SharedEmbedding: got history attributes but attr_offsets is None")
+        attr = inputs[2]                                              # [B, L, F], 0 = unknown / padding
+        attr_emb = self._lookup(attr + tf.constant(self.attr_offsets, attr.dtype))
+        return cat_emb, hist_emb, attr_emb * tf.expand_dims(_valid_mask(attr, cat_emb.dtype), -1)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         if isinstance(input_shape, list) and input_shape and isinstance(input_shape[0], (list, tuple)):
@@ -181,7 +207,7 @@ class SharedEmbedding(keras.layers.Layer):
         return {**super().get_config(), "total_buckets": self.total_buckets, "dim": self.dim,
                 "offsets": list(self.offsets), "hist_offset": self.hist_offset,
                 "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
-                "kept_rows": self.kept_rows}
+                "kept_rows": self.kept_rows, "attr_offsets": self.attr_offsets, "lr_scale": self.lr_scale}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -397,3 +423,263 @@ class TargetAttention(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "units": list(self.units), "activation": self.activation}
+
+
+#: recency buckets of the history: the i-th most recent item (0 = the latest) falls in bucket
+#: ``sum(i >= e for e in RECENCY_EDGES)``: 0, 1, 2, 3-4, 5-9, 10+
+RECENCY_EDGES = (1, 2, 3, 5, 10)
+
+
+def recency_buckets(max_len: int) -> list[int]:
+    """Bucket of each recency ``0..max_len-1`` (0 = the most recent item), see :data:`RECENCY_EDGES`."""
+    return [sum(r >= e for e in RECENCY_EDGES) for r in range(max_len)]
+
+
+def _recency_onehot(ids: tf.Tensor, n_buckets_of: Sequence[int], dtype: tf.DType) -> tf.Tensor:
+    """``[B, L, R]``: one-hot recency bucket of each valid position (rows of padding are all 0).
+
+    The history is oldest first and left-aligned (padding after the last item), so
+    position ``t`` of a row with ``n`` items has recency ``n - 1 - t``.
+    """
+    valid = _valid_mask(ids, dtype)                                      # [B, L]
+    n = tf.reduce_sum(valid, axis=1, keepdims=True)                      # [B, 1]
+    length = len(n_buckets_of)
+    recency = n - 1.0 - tf.range(length, dtype=dtype)[None, :]           # [B, L]
+    rec_idx = tf.cast(tf.clip_by_value(recency, 0.0, float(length - 1)), tf.int64)
+    table = tf.constant(list(n_buckets_of), dtype=tf.int64)
+    bucket = tf.gather(table, rec_idx)                                   # [B, L]
+    n_buckets = max(n_buckets_of) + 1
+    return tf.one_hot(bucket, n_buckets, dtype=dtype) * tf.expand_dims(valid, -1)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ItemAttributes(keras.layers.Layer):
+    """The attributes (category, brand, shop, ...) of the history's items, from a lookup table.
+
+    The history carries item ids only; what an item *is* lives in the candidate
+    rows, where the item id and its item-side fields come together.  ``table``
+    (non-trainable int32 ``[item_buckets, F]``) holds, for each item bucket, the
+    bucket id of each of its ``F`` attribute fields (0 = unknown), filled from the
+    **training rows** by :func:`ctredge.vocab.item_attribute_table` before
+    training; it travels with the model (an ONNX initializer), so serving needs
+    no extra input.  ``out[b, t, f] = table[hist[b, t], f]``; padding (id 0)
+    gives 0.  Input int ``[B, L]``; output int64 ``[B, L, F]``.
+    """
+
+    def __init__(self, buckets: int, n_fields: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.buckets, self.n_fields = int(buckets), int(n_fields)
+        if self.buckets < 1 or self.n_fields < 1:
+            raise ValueError(f"ItemAttributes: need buckets >= 1 and n_fields >= 1, got {buckets}, {n_fields}")
+
+    def build(self, input_shape: Any) -> None:
+        self.table = self.add_weight(name="table", shape=(self.buckets, self.n_fields), dtype="int32",
+                                     initializer="zeros", trainable=False)
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.gather(self.table, ids), tf.int64)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return tuple(input_shape) + (self.n_fields,)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "buckets": self.buckets, "n_fields": self.n_fields}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class HistoryMatch(keras.layers.Layer):
+    """Explicit matches of the candidate against its history, by recency: the "have they just looked at this" signal.
+
+    For the candidate's item id and each attribute (input ``cand`` ``[B, G]``,
+    column 0 the item) and the history's ids with the same columns (the item ids
+    ``hist`` ``[B, L]`` and, when ``G > 1``, their attributes ``attr`` ``[B, L, G-1]``
+    from :class:`ItemAttributes`; 0 = padding or unknown)::
+
+        eq[b, t, g]   = 1{hist[b, t, g] == cand[b, g] != 0}
+        count[b, r, g] = sum_t eq[b, t, g] * 1{recency bucket of t is r}      (RECENCY_EDGES)
+        out = [log(1 + count) (R*G), sum_t eq / max(1, n) (G), log(1 + n)]
+
+    with ``n`` the history's length.  These are the features hand-built CTR systems
+    feed a linear model ("candidate's category in the last k items"); a model with
+    only embeddings has to learn equality from data, which it does poorly for
+    thousands of ids.  Input ``[cand, hist]`` or ``[cand, hist, attr]``; output
+    float ``[B, R*G + G + 1]``.
+    """
+
+    def __init__(self, max_len: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_len = int(max_len)
+        self.buckets = recency_buckets(self.max_len)
+
+    def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+        cand, item_ids = inputs[0], inputs[1]                   # [B, G], [B, L]
+        hist = tf.expand_dims(item_ids, -1)
+        if len(inputs) == 3:                                    # + attributes [B, L, G - 1]
+            hist = tf.concat([hist, tf.cast(inputs[2], hist.dtype)], axis=-1)
+        cand = tf.cast(cand, hist.dtype)
+        valid = _valid_mask(item_ids, tf.float32)               # [B, L]
+        known = tf.not_equal(cand, tf.zeros([], cand.dtype))[:, None, :]
+        eq = tf.cast(tf.logical_and(tf.equal(hist, cand[:, None, :]), known), tf.float32)
+        eq = eq * tf.expand_dims(valid, -1)                     # [B, L, G]
+        onehot = _recency_onehot(item_ids, self.buckets, tf.float32)   # [B, L, R]
+        counts = tf.einsum("btr,btg->brg", onehot, eq)
+        n = tf.reduce_sum(valid, axis=1, keepdims=True)
+        frac = tf.reduce_sum(eq, axis=1) / tf.maximum(n, 1.0)
+        flat = tf.reshape(tf.math.log(1.0 + counts), [-1, counts.shape[1] * counts.shape[2]])
+        return tf.concat([flat, frac, tf.math.log(1.0 + n)], axis=-1)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        g = int(input_shape[0][-1])
+        return (input_shape[0][0], (max(self.buckets) + 1) * g + g + 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "max_len": self.max_len}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RecencyAttention(keras.layers.Layer):
+    """DIN target attention whose scores also see each history item's recency.
+
+    Zhou et al., "Deep Interest Network", KDD 2018, with the time-aware scoring of
+    e.g. Alibaba's DSIN/BST (position embeddings of the behaviour sequence).  With
+    query ``q`` ``[B, D]`` (candidate item + attribute embeddings), keys ``k_t``
+    ``[B, L, D]`` (history items + their attributes) and ``p_t`` a learned
+    embedding ``[recency_dim]`` of position ``t``'s recency bucket::
+
+        s_t = MLP([q, k_t, q - k_t, q * k_t, p_t])
+        a_t = m_t * softmax_{t: m_t = 1}(s_t)          m_t = 1{ids_t != 0}
+        out = [sum_t a_t k_t,  sum_t m_t sigmoid(s_t) k_t / L]     -> [B, 2D]
+
+    The second half is DIN's unnormalised sum (how *much* related history there
+    is), scaled by ``1/L`` to stay in range; an empty history gives exactly 0.
+    Input ``[query, keys, ids]``.
+    """
+
+    def __init__(self, units: Sequence[int] = (32,), recency_dim: int = 8, max_len: int = 20,
+                 activation: str = "relu", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = [int(u) for u in units]
+        self.recency_dim, self.max_len = int(recency_dim), int(max_len)
+        self.activation = activation
+        self._act = keras.activations.get(activation)
+        self.buckets = recency_buckets(self.max_len)
+
+    def build(self, input_shape: Any) -> None:
+        d = int(input_shape[0][-1])
+        width = 4 * d + self.recency_dim
+        if self.recency_dim:
+            self.recency = self.add_weight(name="recency", shape=(max(self.buckets) + 1, self.recency_dim),
+                                           initializer="uniform")
+        self.kernels, self.biases = [], []
+        for i, u in enumerate(self.units + [1]):
+            self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(width, u), initializer="glorot_uniform"))
+            self.biases.append(self.add_weight(name=f"bias_{i}", shape=(u,), initializer="zeros"))
+            width = u
+
+    def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+        query, keys, ids = inputs
+        q = tf.broadcast_to(tf.expand_dims(query, 1), tf.shape(keys))
+        parts = [q, keys, q - keys, q * keys]
+        if self.recency_dim:
+            onehot = _recency_onehot(ids, self.buckets, keys.dtype)               # [B, L, R]
+            parts.append(tf.einsum("blr,rp->blp", onehot, self.recency))
+        h = tf.concat(parts, axis=-1)
+        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
+            h = tf.matmul(h, kernel) + bias
+            if i < len(self.units):
+                h = self._act(h)
+        scores = tf.squeeze(h, -1)                                               # [B, L]
+        valid = tf.not_equal(ids, tf.zeros([], ids.dtype))
+        fvalid = tf.cast(valid, scores.dtype)
+        masked = tf.where(valid, scores, tf.constant(_NEG_LARGE, scores.dtype))
+        weights = tf.nn.softmax(masked, axis=-1) * fvalid
+        gates = tf.sigmoid(scores) * fvalid / float(self.max_len)
+        pooled = tf.reduce_sum(tf.expand_dims(weights, -1) * keys, axis=1)
+        summed = tf.reduce_sum(tf.expand_dims(gates, -1) * keys, axis=1)
+        return tf.concat([pooled, summed], axis=-1)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (input_shape[0][0], 2 * int(input_shape[0][-1]))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": list(self.units), "recency_dim": self.recency_dim,
+                "max_len": self.max_len, "activation": self.activation}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class DenseBuckets(keras.layers.Layer):
+    """Each dense value's quantile bucket, embedded: the numeric features as categorical fields.
+
+    ``edges`` (non-trainable ``[n, k]``, ascending per feature) are quantiles of
+    the **training rows** (filled by :func:`ctredge.vocab.quantile_edges` before
+    training); bucket ``0`` is "missing" (NaN), bucket ``1 + #{edges <= x}`` any
+    other value, so each feature has ``k + 2`` rows of its own in ``embeddings``::
+
+        b_j = 0 if x_j is NaN else 1 + sum_i 1{x_j >= edges[j, i]}
+        out[:, j] = embeddings[j * (k + 2) + b_j]                      -> [B, n, dim]
+
+    What the Criteo winners did to counts (binning, Juan et al. 2016) and what
+    the hashed-LR baseline does; a raw log count only allows a monotone effect
+    per layer.  Input float ``[B, n]`` (raw, NaN = missing); output ``[B, n, dim]``.
+    """
+
+    def __init__(self, n_features: int, n_edges: int, dim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_features, self.n_edges, self.dim = int(n_features), int(n_edges), int(dim)
+        if min(self.n_features, self.n_edges, self.dim) < 1:
+            raise ValueError(f"DenseBuckets: need n_features, n_edges, dim >= 1, got "
+                             f"{n_features}, {n_edges}, {dim}")
+
+    def build(self, input_shape: Any) -> None:
+        self.edges = self.add_weight(name="edges", shape=(self.n_features, self.n_edges), initializer="zeros",
+                                     trainable=False)
+        self.embeddings = self.add_weight(name="embeddings", shape=(self.n_features * (self.n_edges + 2), self.dim),
+                                          initializer="uniform")
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        x = tf.convert_to_tensor(inputs)
+        missing = tf.math.is_nan(x)
+        x0 = tf.where(missing, tf.zeros([], x.dtype), x)
+        above = tf.cast(tf.expand_dims(x0, -1) >= tf.cast(self.edges, x.dtype), tf.int64)     # [B, n, k]
+        bucket = tf.where(missing, tf.zeros([], tf.int64), 1 + tf.reduce_sum(above, axis=-1))
+        rows = bucket + tf.range(self.n_features, dtype=tf.int64) * (self.n_edges + 2)
+        return tf.gather(self.embeddings, rows)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (input_shape[0], self.n_features, self.dim)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "n_features": self.n_features, "n_edges": self.n_edges, "dim": self.dim}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class VocabularyMatch(keras.layers.Layer):
+    """Whether two categorical fields of the same vocabulary hold the same value, per row.
+
+    For each pair ``(i, j)`` (fields whose ``CatFeature.vocabulary`` is the same,
+    e.g. the search query's category and the candidate's category)::
+
+        out[b, p] = 1{cat[b, i] == cat[b, j] != 0}                  -> [B, P]
+
+    The relevance signal of a search query for a candidate, which embeddings of
+    two different fields would have to learn as a 300 x 300 diagonal.
+    Takes ``pairs``; input int ``[B, n_cat]``; output float ``[B, P]``.
+    """
+
+    def __init__(self, pairs: Sequence[Sequence[int]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pairs = [[int(a), int(b)] for a, b in pairs]
+        if not self.pairs:
+            raise ValueError("VocabularyMatch: expected at least one pair of fields")
+
+    def call(self, cat: tf.Tensor) -> tf.Tensor:
+        left = tf.gather(cat, tf.constant([a for a, _ in self.pairs], tf.int64), axis=1)
+        right = tf.gather(cat, tf.constant([b for _, b in self.pairs], tf.int64), axis=1)
+        same = tf.logical_and(tf.equal(left, right), tf.not_equal(left, tf.zeros([], left.dtype)))
+        return tf.cast(same, tf.float32)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (input_shape[0], len(self.pairs))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "pairs": [list(p) for p in self.pairs]}

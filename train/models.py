@@ -41,6 +41,18 @@ class ModelConfig:
     ``missing_indicator``: append a 0/1 "was NaN" column per dense feature.
     ``vocab_rows``: physical rows of the shared embedding table(s) after vocabulary
     pruning (0 = every bucket has its own row, no remap; see ``SharedEmbedding``).
+    ``history_attributes``: look up the history items' item-side fields (category,
+    brand, ...) in a table filled from the training rows (``ItemAttributes``), so
+    the history is embedded with them.  ``history_match``: explicit matches of
+    the candidate (item and attributes) against the history by recency
+    (``HistoryMatch``).  ``recency_dim``: width of the recency embedding in the
+    attention scores (0 = none).  All three need a history; without one they are ignored.
+    ``dense_norm``: batch-normalise the transformed dense values.  ``dense_buckets``:
+    also embed each dense value's quantile bucket (that many edges, from the
+    training rows; 0 = off), see ``DenseBuckets``.  ``embedding_lr_scale``: the
+    embedding tables learn at this multiple of the learning rate (``SharedEmbedding``).
+    ``vocabulary_match``: for fields sharing a vocabulary (``CatFeature.vocabulary``),
+    a 0/1 "same value" feature per pair (``VocabularyMatch``).
 
     Raises:
         ConfigError: a value out of range or of the wrong type.
@@ -59,6 +71,13 @@ class ModelConfig:
     seed_mlp: tuple[int, ...] = (128, 64)
     missing_indicator: bool = False
     vocab_rows: int = 0
+    history_attributes: bool = True
+    history_match: bool = True
+    recency_dim: int = 8
+    dense_norm: bool = False
+    dense_buckets: int = 0
+    embedding_lr_scale: float = 1.0
+    vocabulary_match: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -71,6 +90,14 @@ class ModelConfig:
         _check_int("conv_filters", self.conv_filters, 1)
         _check_int("conv_kernel", self.conv_kernel, 1)
         _check_int("vocab_rows", self.vocab_rows, 0)
+        _check_int("recency_dim", self.recency_dim, 0)
+        _check_int("dense_buckets", self.dense_buckets, 0)
+        if (isinstance(self.embedding_lr_scale, bool) or not isinstance(self.embedding_lr_scale, (int, float))
+                or not 0 < self.embedding_lr_scale <= 100):
+            raise ConfigError(f"embedding_lr_scale: expected a number in (0, 100], got {self.embedding_lr_scale!r}")
+        for name in ("history_attributes", "history_match", "dense_norm", "vocabulary_match"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for name, allow_empty in (("mlp_units", True), ("attention_units", True), ("seed_mlp", False)):
             object.__setattr__(self, name, _check_units(name, getattr(self, name), allow_empty))
         if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
@@ -103,6 +130,14 @@ LOGIT = "logit"
 DEEP_LOGIT = "deep_logit"
 #: DCN-v2's i-th cross layer is named CROSS_LAYER.format(i)
 CROSS_LAYER = "cross_{}"
+#: the ItemAttributes layer, whose table train/train.py fills from the training rows
+HISTORY_ATTRIBUTES = "history_attributes"
+#: the HistoryMatch layer
+HISTORY_MATCH = "history_match"
+#: the VocabularyMatch layer
+VOCABULARY_MATCH = "vocabulary_match"
+#: the DenseBuckets layer, whose edges train/train.py fills from the training rows
+DENSE_BUCKETS = "dense_buckets"
 
 
 @dataclass(frozen=True)
@@ -146,6 +181,20 @@ def _concat(parts: list[Any], name: str, axis: int = -1) -> Any:
     return parts[0] if len(parts) == 1 else keras.layers.Concatenate(axis=axis, name=name)(parts)
 
 
+def vocabulary_pairs(spec: FeatureSpec) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, of categorical fields that share a vocabulary."""
+    cat = spec.cat
+    return [(i, j) for i in range(len(cat)) for j in range(i + 1, len(cat)) if cat[i].hash_name == cat[j].hash_name]
+
+
+def attribute_fields(spec: FeatureSpec) -> list[int]:
+    """The item-side categorical fields other than the item id: what ``ItemAttributes`` looks up."""
+    item = spec.item_feature_index
+    if spec.history is None or item is None:
+        return []
+    return [j for j in spec.columns("cat", "item") if j != item]
+
+
 class _Features:
     """The model's inputs and the tensors every architecture starts from."""
 
@@ -159,30 +208,78 @@ class _Features:
         if spec.dense:
             self.dense = L.DenseTransform([f.transform for f in spec.dense], cfg.missing_indicator,
                                           name="dense_transform")(self.inputs[INPUT_DENSE])
+            if cfg.dense_norm:
+                self.dense = keras.layers.BatchNormalization(name="dense_norm")(self.dense)
+        self.dense_emb = None  # [B, n_dense, d]
+        if spec.dense and cfg.dense_buckets:
+            self.dense_emb = L.DenseBuckets(spec.n_dense, cfg.dense_buckets, cfg.embedding_dim,
+                                            name=DENSE_BUCKETS)(self.inputs[INPUT_DENSE])
         self.cat_emb = self.hist_emb = self.hist_ids = self.item_emb = None
+        self.attr_ids = self.attr_emb = None
+        self.attrs = attribute_fields(spec) if cfg.history_attributes else []
         if spec.cat:
             item = spec.item_feature_index
             table = L.SharedEmbedding(spec.total_buckets, cfg.embedding_dim, spec.offsets.tolist(),
                                       hist_offset=None if item is None else int(spec.offsets[item]),
-                                      kept_rows=cfg.vocab_rows or None, name="embedding")
+                                      kept_rows=cfg.vocab_rows or None,
+                                      attr_offsets=[int(spec.offsets[j]) for j in self.attrs] or None,
+                                      lr_scale=cfg.embedding_lr_scale, name="embedding")
             if spec.history is None:
                 self.cat_emb = table(self.inputs[INPUT_CAT])  # [B, n_cat, d]
             else:
                 self.hist_ids = self.inputs[INPUT_HIST]
-                self.cat_emb, self.hist_emb = table([self.inputs[INPUT_CAT], self.hist_ids])
+                if self.attrs:
+                    self.attr_ids = L.ItemAttributes(spec.cat[item].buckets, len(self.attrs),
+                                                     name=HISTORY_ATTRIBUTES)(self.hist_ids)   # [B, L, F]
+                    self.cat_emb, self.hist_emb, self.attr_emb = table(
+                        [self.inputs[INPUT_CAT], self.hist_ids, self.attr_ids])
+                else:
+                    self.cat_emb, self.hist_emb = table([self.inputs[INPUT_CAT], self.hist_ids])
                 self.item_emb = L.SelectFields(item, name="candidate_item")(self.cat_emb)  # [B, d]
 
     def flat_cat(self) -> Any:
         return keras.layers.Flatten(name="cat_flat")(self.cat_emb)
 
+    def history_keys(self) -> tuple[Any, Any]:
+        """``(query [B, G*d], keys [B, L, G*d])``: the candidate's and the history's item + attribute embeddings."""
+        if not self.attrs:
+            return self.item_emb, self.hist_emb
+        item = self.spec.item_feature_index
+        d = self.hist_emb.shape[-1]
+        query = keras.layers.Flatten(name="candidate_flat")(
+            L.SelectFields([item] + self.attrs, name="candidate_fields")(self.cat_emb))
+        attrs = keras.layers.Reshape((self.spec.history.max_len, len(self.attrs) * d),
+                                     name="history_attr_flat")(self.attr_emb)
+        keys = keras.layers.Concatenate(axis=-1, name="history_keys")([self.hist_emb, attrs])
+        return query, keys
+
     def history_vector(self, cfg: ModelConfig) -> Any:
-        """The pooled history ``[B, d]`` (DIN attention or masked mean), or None."""
+        """The pooled history (attention with recency ``[B, 2*G*d]``, or masked mean ``[B, G*d]``), or None."""
         if self.hist_emb is None:
             return None
+        query, keys = self.history_keys()
         if cfg.history_pooling == "attention":
-            return L.TargetAttention(cfg.attention_units, name="history_attention")(
-                [self.item_emb, self.hist_emb, self.hist_ids])
-        return L.MaskedMeanPooling(name="history_mean")([self.hist_emb, self.hist_ids])
+            return L.RecencyAttention(cfg.attention_units, cfg.recency_dim, self.spec.history.max_len,
+                                      name="history_attention")([query, keys, self.hist_ids])
+        return L.MaskedMeanPooling(name="history_mean")([keys, self.hist_ids])
+
+    def matches(self, cfg: ModelConfig) -> Any:
+        """The explicit match features: :meth:`history_match` and ``VocabularyMatch``, concatenated (or None)."""
+        parts = [self.history_match(cfg)]
+        pairs = vocabulary_pairs(self.spec) if cfg.vocabulary_match and self.spec.cat else []
+        if pairs:
+            parts.append(L.VocabularyMatch(pairs, name=VOCABULARY_MATCH)(self.inputs[INPUT_CAT]))
+        parts = [p for p in parts if p is not None]
+        return _concat(parts, "matches") if parts else None
+
+    def history_match(self, cfg: ModelConfig) -> Any:
+        """:class:`~ctredge.train.layers.HistoryMatch` features ``[B, R*G + G + 1]``, or None."""
+        if self.hist_emb is None or not cfg.history_match:
+            return None
+        cand = L.SelectFields([self.spec.item_feature_index] + self.attrs, name="candidate_ids")(
+            self.inputs[INPUT_CAT])
+        ins = [cand, self.hist_ids] + ([self.attr_ids] if self.attrs else [])
+        return L.HistoryMatch(self.spec.history.max_len, name=HISTORY_MATCH)(ins)
 
 
 # ------------------------------------------------------------------ architectures
@@ -193,9 +290,9 @@ def _dcnv2(f: _Features, cfg: ModelConfig) -> Any:
         parts.append(f.flat_cat())
     if f.dense is not None:
         parts.append(f.dense)
-    hist = f.history_vector(cfg)
-    if hist is not None:
-        parts.append(hist)
+    if f.dense_emb is not None:
+        parts.append(keras.layers.Flatten(name="dense_buckets_flat")(f.dense_emb))
+    parts += [t for t in (f.history_vector(cfg), f.matches(cfg)) if t is not None]
     x0 = _concat(parts, "dcn_input")
     x = x0
     for i in range(cfg.cross_layers):
@@ -209,19 +306,29 @@ def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     linear_in, fields = [], []
     if f.cat_emb is not None:
         w = L.SharedEmbedding(spec.total_buckets, 1, spec.offsets.tolist(), kept_rows=cfg.vocab_rows or None,
-                              name="first_order")(f.inputs[INPUT_CAT])
+                              lr_scale=cfg.embedding_lr_scale, name="first_order")(f.inputs[INPUT_CAT])
         linear_in.append(keras.layers.Flatten(name="first_order_flat")(w))  # [B, n_cat]
         fields.append(f.cat_emb)
     if f.dense is not None:
         linear_in.append(f.dense)
         fields.append(L.DenseFieldEmbedding(cfg.embedding_dim, name="dense_fields")(f.dense))
+    if f.dense_emb is not None:
+        fields.append(f.dense_emb)
     hist = f.history_vector(cfg)
     if hist is not None:
+        if hist.shape[-1] != cfg.embedding_dim:   # attention with attributes: project to one field
+            hist = keras.layers.Dense(cfg.embedding_dim, name="history_project")(hist)
         fields.append(keras.layers.Reshape((1, cfg.embedding_dim), name="history_field")(hist))
+    match = f.matches(cfg)
+    if match is not None:
+        linear_in.append(match)
     first = keras.layers.Dense(1, name="first_order_logit")(_concat(linear_in, "first_order_input"))
     field_tensor = _concat(fields, "fields", axis=1)  # [B, F, d]
     second = L.FMInteraction(name="fm")(field_tensor)
-    deep = _mlp(keras.layers.Flatten(name="fields_flat")(field_tensor), cfg.mlp_units, cfg.dropout, "deep")
+    deep_in = keras.layers.Flatten(name="fields_flat")(field_tensor)
+    if match is not None:
+        deep_in = keras.layers.Concatenate(name="deep_input")([deep_in, match])
+    deep = _mlp(deep_in, cfg.mlp_units, cfg.dropout, "deep")
     deep = keras.layers.Dense(1, name=DEEP_LOGIT)(deep)
     return keras.layers.Add(name=LOGIT)([first, second, deep])
 
@@ -229,8 +336,9 @@ def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
 def _seed(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     """Our behaviour-sequence model "seed".
 
-    The history embeddings ``[B, L, d]`` and the candidate item's field embeddings
-    (the ``item``-side cat features, always including the history's item feature,
+    The history embeddings ``[B, L, d]`` (with ``history_attributes``, each
+    position's item and attribute embeddings side by side, ``[B, L, G*d]``) and the
+    candidate item's field embeddings (the ``item``-side cat features, always including the history's item feature,
     ``[B, n_item, d]``) each go through their own Conv1D (``conv_filters``,
     ``conv_kernel``, same padding, ReLU) and a max-pool over positions (masked for
     the history: padding never wins, an empty history pools to 0).  Those two vectors
@@ -238,12 +346,13 @@ def _seed(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     dense features, then Dense ``seed_mlp`` (128 -> 64) -> 1 logit.  The original
     design pooled only history and item; without the user/context fields and dense
     features the model cannot learn effects such as position bias or a user's base
-    click rate, so they are part of the MLP input.
+    click rate, so they are part of the MLP input; so are the ``HistoryMatch``
+    features and the dense buckets, when configured.
     """
     item_idx = sorted(set(spec.columns("cat", "item")) | {spec.item_feature_index})
     other_idx = [j for j in range(spec.n_cat) if j not in item_idx]
     conv = dict(kernel_size=cfg.conv_kernel, padding="same", activation="relu")
-    hist = keras.layers.Conv1D(cfg.conv_filters, name="history_conv", **conv)(f.hist_emb)
+    hist = keras.layers.Conv1D(cfg.conv_filters, name="history_conv", **conv)(f.history_keys()[1])
     hist = L.MaskedMaxPooling(name="history_maxpool")([hist, f.hist_ids])
     item = L.SelectFields(item_idx, name="item_fields")(f.cat_emb)
     item = keras.layers.Conv1D(cfg.conv_filters, name="item_conv", **conv)(item)
@@ -254,6 +363,11 @@ def _seed(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
         parts.append(keras.layers.Flatten(name="user_context_flat")(ctx))
     if f.dense is not None:
         parts.append(f.dense)
+    if f.dense_emb is not None:
+        parts.append(keras.layers.Flatten(name="dense_buckets_flat")(f.dense_emb))
+    match = f.matches(cfg)
+    if match is not None:
+        parts.append(match)
     x = _mlp(_concat(parts, "seed_input"), cfg.seed_mlp, cfg.dropout, "seed")
     return keras.layers.Dense(1, name=LOGIT)(x)
 

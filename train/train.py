@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from ctredge import metrics as M
 from ctredge.artifacts import read_manifest, staged_dir, write_manifest
@@ -64,11 +65,12 @@ class TrainConfig:
     max_memory_bytes: int = 1 << 30
     skip_bad_rows: bool = False
     verbose: int = 1
+    min_count: int = 1  # ids seen fewer times in the training rows share their feature's row 0 (1 = all kept)
 
     def __post_init__(self) -> None:
         if not self.data:
             raise ConfigError("train: at least one --data file is required")
-        for name in ("batch_size", "epochs", "shuffle_rows"):
+        for name in ("batch_size", "epochs", "shuffle_rows", "min_count"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train: {name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -120,7 +122,14 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     log.info("data read in %.1fs: train %s rows, valid %d, test %d", time.perf_counter() - t_read,
              n_train if n_train is not None else "(streamed)", len(valid), len(test))
 
+    train_rows = held.train if not held.streamed else Source(*plan.source("train"))
+    remap = None
+    if cfg.min_count > 1:
+        remap, model_cfg = training_vocabulary(spec, model_cfg, train_rows, cfg.min_count, cfg.skip_bad_rows)
     model = build_model(spec, model_cfg)
+    if remap is not None:
+        set_remap(model, remap)
+    fill_data_layers(model, spec, train_rows, skip_bad_rows=cfg.skip_bad_rows)
     compile_ctr(model, cfg.learning_rate)
     fitted = fit(model, ds, valid, epochs=cfg.epochs, patience=cfg.patience, verbose=cfg.verbose,
                  say=_epoch_line if cfg.verbose else None)
@@ -149,6 +158,80 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
             extra={"params": model_summary(model), "model": model_cfg.model},
         )
     return manifest
+
+
+def _batches(rows: Any, spec: FeatureSpec, skip_bad_rows: bool) -> Any:
+    return [rows] if hasattr(rows, "feeds") else rows.batches(spec, 65_536, skip_bad_rows)
+
+
+def training_vocabulary(spec: FeatureSpec, model_cfg: Any, rows: Any, min_count: int,
+                        skip_bad_rows: bool = False) -> tuple[Any, Any]:
+    """The vocabulary of the training rows: ids seen fewer than ``min_count`` times go out of vocabulary.
+
+    Returns ``(remap, model_cfg with vocab_rows)``: the int32 remap of
+    :func:`ctredge.vocab.vocab_remap` (rare ids share their feature's row 0) and
+    the config whose tables have only the kept rows.
+    """
+    import dataclasses
+
+    from ctredge.vocab import count_rows, vocab_remap
+
+    counts, _ = count_rows(_batches(rows, spec, skip_bad_rows), spec)
+    remap, kept = vocab_remap(counts, spec, min_count)
+    log.info("vocabulary: %d of %d embedding rows seen >= %d times in the training rows", len(kept),
+             spec.total_buckets, min_count)
+    return remap, dataclasses.replace(model_cfg, vocab_rows=int(len(kept)))
+
+
+def set_remap(model: Any, remap: np.ndarray) -> None:
+    """Put the vocabulary ``remap`` into every remapped ``SharedEmbedding`` of a freshly built model."""
+    from ctredge.train.layers import SharedEmbedding
+
+    for layer in model.layers:
+        if isinstance(layer, SharedEmbedding) and layer.remap is not None:
+            layer.remap.assign(remap.astype(np.int32))
+
+
+#: rows of the training data the dense quantile edges are computed from (the first ones)
+QUANTILE_ROWS = 1_000_000
+
+
+def fill_data_layers(model: Any, spec: FeatureSpec, rows: Any, *, skip_bad_rows: bool = False) -> None:
+    """Fill the statistics a model keeps from its training rows, for the layers it has.
+
+    ``ItemAttributes`` (``history_attributes``): each item's most frequent
+    category, brand, ... among the rows where it is the candidate.
+    ``DenseBuckets`` (``dense_buckets``): the quantile edges of each dense feature
+    (of the first :data:`QUANTILE_ROWS` rows).  Takes the model, the spec and the
+    training rows (a :class:`~ctredge.reader.Batch` or a streamed ``Source``); one
+    pass, keeping only the columns needed.
+    """
+    from ctredge.train.models import DENSE_BUCKETS, HISTORY_ATTRIBUTES, attribute_fields
+    from ctredge.vocab import item_attribute_table, quantile_edges
+
+    names = {layer.name for layer in model.layers}
+    want_attr, want_dense = HISTORY_ATTRIBUTES in names, DENSE_BUCKETS in names
+    if not (want_attr or want_dense):
+        return
+    item, fields = spec.item_feature_index, attribute_fields(spec)
+    cols = [item, *fields] if want_attr else []
+    cats, denses, n_dense = [], [], 0
+    for b in _batches(rows, spec, skip_bad_rows):
+        if want_attr:
+            cats.append(b.feeds["cat"][:, cols])
+        if want_dense and n_dense < QUANTILE_ROWS:
+            denses.append(b.feeds["dense"][:QUANTILE_ROWS - n_dense])
+            n_dense += len(denses[-1])
+    if want_attr:
+        table = item_attribute_table(np.concatenate(cats), 0, list(range(1, len(cols))), spec.cat[item].buckets)
+        model.get_layer(HISTORY_ATTRIBUTES).set_weights([table])
+        log.info("history attributes: %d item buckets with known %s", int((table[:, 0] > 0).sum()),
+                 ", ".join(spec.cat[j].name for j in fields))
+    if want_dense:
+        layer = model.get_layer(DENSE_BUCKETS)
+        edges = quantile_edges(np.concatenate(denses), layer.n_edges)
+        layer.edges.assign(edges)
+        log.info("dense buckets: %d quantile edges per feature from %d training rows", layer.n_edges, n_dense)
 
 
 def _truth_for(data_path: str) -> dict[str, Any] | None:
