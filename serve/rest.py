@@ -337,7 +337,7 @@ class RestServer:
         doc = await self._json_body(request, f"{method} request")
         if set(doc) - {"parameters"}:
             raise InvalidInput(f"a model load/unload request is {{\"parameters\": {{...}}}}, got keys "
-                               f"{[codec.shown(k) for k in list(doc)[:8]]}")
+                               f"[{', '.join(map(codec.shown, list(doc)[:8]))}]")
         params = doc.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"{method} parameters: expected a JSON object, got {type(params).__name__}")

@@ -211,7 +211,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str, model_v
         raise InvalidInput(f"an inference request is a JSON object, got {_kind(doc)}")
     unknown = sorted(set(doc) - _INFER_KEYS)
     if unknown:
-        raise InvalidInput(f"unknown key(s) {[shown(k) for k in unknown[:8]]} in the inference request; expected "
+        raise InvalidInput(f"unknown key(s) [{', '.join(map(shown, unknown[:8]))}] in the inference request; expected "
                            f"{sorted(_INFER_KEYS)}")
     req = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
     if "id" in doc:
@@ -249,7 +249,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str, model_v
                 raise InvalidInput(f"{where}: expected a JSON object, got {_kind(o)}")
             extra = sorted(set(o) - _OUTPUT_KEYS)
             if extra:
-                raise InvalidInput(f"{where}: unknown key(s) {[shown(k) for k in extra[:8]]}; expected "
+                raise InvalidInput(f"{where}: unknown key(s) [{', '.join(map(shown, extra[:8]))}]; expected "
                                    f"{sorted(_OUTPUT_KEYS)}")
             name = _text(f"{where}.name", o.get("name"))
             out = req.outputs.add(name=name)
@@ -266,7 +266,8 @@ def _input(i: int, t: Any, req: Any, offset: int, size: int) -> Any:
         raise InvalidInput(f"{where}: expected a JSON object, got {_kind(t)}")
     extra = sorted(set(t) - _INPUT_KEYS)
     if extra:
-        raise InvalidInput(f"{where}: unknown key(s) {[shown(k) for k in extra[:8]]}; expected {sorted(_INPUT_KEYS)}")
+        raise InvalidInput(f"{where}: unknown key(s) [{', '.join(map(shown, extra[:8]))}]; expected "
+                           f"{sorted(_INPUT_KEYS)}")
     name = _text(f"{where}.name", t.get("name"))
     datatype = _text(f"input {shown(name)} datatype", t.get("datatype"))
     shape = t.get("shape")
