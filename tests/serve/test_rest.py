@@ -519,3 +519,94 @@ def test_a_taken_http_port_fails_the_start(repo, rest):
 
     with pytest.raises(ServeError, match="for REST"):
         ServerThread(repo, port=0, http_port=rest.server.http_port).start()
+
+
+# ----------------------------------------------------------------------------- tokens and TLS
+from test_security import pki, tokens  # noqa: E402,F401  (the security tests' certificates and token files)
+
+
+@pytest.fixture(scope="module")
+def token_rest(repo, tokens):  # noqa: F811
+    with ServerThread(repo, options=ServerOptions(port=0, http_port=0, infer_token_file=tokens["infer_file"],
+                                                  admin_token_file=tokens["admin_file"], metrics_port=0,
+                                                  max_message_bytes=1 << 20)) as s:
+        yield s
+
+
+def _auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_tokens_guard_rest_with_the_grpc_roles_and_messages(token_rest, tokens, spec):  # noqa: F811
+    s = token_rest
+    doc = json.dumps({"inputs": _good(spec)}).encode()
+    infer = ("POST", "/v2/models/ctr/infer", doc)
+    status, answer, headers = _request(s, *infer)
+    with grpc.insecure_channel(s.url) as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        code, details = _grpc_error(stub, codec.build_request("ctr", contract_feeds(spec, 1)))
+    assert (status, answer["error"]) == (401, details) and code == "UNAUTHENTICATED"
+    assert headers["WWW-Authenticate"] == "Bearer"
+    assert _request(s, *infer, _auth("x" * 20))[1]["error"] == "the bearer token is not valid"
+    assert _request(s, *infer, {"Authorization": "Basic abc"})[0] == 401
+    for who in ("infer", "infer2"):
+        assert _request(s, *infer, _auth(tokens[who]))[0] == 200
+        assert _request(s, "GET", "/v2/models/ctr", headers=_auth(tokens[who]))[0] == 200
+    status, answer, _ = _request(s, *infer, _auth(tokens["admin"]))
+    assert status == 403 and answer["error"] == "this token may not call ModelInfer (it needs an infer token)"
+    admin_calls = [("GET", "/v2/models/stats", b""), ("POST", "/v2/repository/index", b""),
+                   ("POST", "/v2/repository/models/ctr/load", b"{}"), ("GET", "/v2/systemsharedmemory/status", b"")]
+    for call in admin_calls:
+        assert _request(s, *call, _auth(tokens["infer"]))[0] == 403, call
+        assert _request(s, *call)[0] == 401, call
+    assert _request(s, *admin_calls[0], _auth(tokens["admin"]))[0] == 200
+    assert _request(s, *admin_calls[1], _auth(tokens["admin"]))[0] == 200
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/ctr/ready"):  # open, as gRPC's health group
+        assert _request(s, "GET", path)[0] == 200, path
+    assert _request(s, "GET", "/v2")[0] == 401
+    # the token is checked before the body is read: a body over the limit is still a 401
+    assert _request(s, "POST", "/v2/models/ctr/infer", b"x" * (2 << 20))[0] == 401
+    text = _scrape(s)
+    assert _metric(text, "ctredge_refused_calls_total", method="ModelInfer", code="UNAUTHENTICATED") >= 4
+    assert _metric(text, "ctredge_refused_calls_total", method="ModelInfer", code="PERMISSION_DENIED") == 1
+    with th.InferenceServerClient(f"127.0.0.1:{s.server.http_port}") as hc:  # unmodified tritonclient.http
+        r = hc.infer("ctr", _inputs(th, contract_feeds(spec, 2)), headers=_auth(tokens["infer"]))
+        assert r.as_numpy("ctr").shape == (2, 1)
+        with pytest.raises(InferenceServerException) as info:
+            hc.get_inference_statistics("ctr", headers=_auth(tokens["infer"]))
+        assert info.value.status() == "403"
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_rest_over_tls_with_the_grpc_port_files(repo, pki, spec, mutual):  # noqa: F811
+    import ssl
+
+    extra = {"tls_client_ca": pki["ca"]["cert"]} if mutual else {}
+    with ServerThread(repo, options=ServerOptions(port=0, http_port=0, tls_cert=pki["server"]["cert"],
+                                                  tls_key=pki["server"]["key"], **extra)) as s:
+        port = s.server.http_port
+        ctx = ssl.create_default_context(cafile=pki["ca"]["cert"])
+        if mutual:
+            ctx.load_cert_chain(pki["client"]["cert"], pki["client"]["key"])
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        assert _request(s, "GET", "/v2/health/ready", conn=conn)[0] == 200
+        doc = json.dumps({"inputs": _good(spec)}).encode()
+        assert _request(s, "POST", "/v2/models/ctr/infer", doc, conn=conn)[0] == 200
+        conn.close()
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # a client that does not trust the server's CA
+            _request(s, "GET", "/v2/health/live", conn=http.client.HTTPSConnection(
+                "127.0.0.1", port, context=ssl.create_default_context(), timeout=10))
+        with pytest.raises((http.client.HTTPException, ConnectionError)):  # plaintext on the TLS port
+            _request(s, "GET", "/v2/health/live", port=port)
+        if mutual:  # trusts the server, but brings no client certificate, or one of another CA
+            for who in (None, "rogue"):
+                bare = ssl.create_default_context(cafile=pki["ca"]["cert"])
+                if who:
+                    bare.load_cert_chain(pki[who]["cert"], pki[who]["key"])
+                with pytest.raises((ssl.SSLError, ConnectionError)):
+                    _request(s, "GET", "/v2/health/live",
+                             conn=http.client.HTTPSConnection("127.0.0.1", port, context=bare, timeout=10))
+        else:
+            with th.InferenceServerClient(f"127.0.0.1:{port}", ssl=True,
+                                          ssl_options={"ca_certs": pki["ca"]["cert"]}) as hc:
+                assert hc.infer("ctr", _inputs(th, contract_feeds(spec, 2))).as_numpy("ctr").shape == (2, 1)
