@@ -303,16 +303,16 @@ def _input(i: int, t: Any, req: Any, offset: int, size: int) -> Any:
     return data
 
 
-def _flatten(name: str, data: list, count: int) -> list:
+def _flatten(name: str, data: list, count: int) -> tuple[list, set]:
+    """Row-major elements of flat or nested ``data``, and the set of their types."""
     flat = data
     for _ in range(MAX_DIMS + 1):
         if len(flat) > count:
-            break
-        if not any(type(v) is list for v in flat):
-            return flat
+            raise InvalidInput(f"input {shown(name)}: shape needs {count} element(s), got more in 'data'")
+        kinds = set(map(type, flat))
+        if list not in kinds:
+            return flat, kinds
         flat = [x for v in flat for x in (v if type(v) is list else (v,))]
-    if len(flat) > count:
-        raise InvalidInput(f"input {shown(name)}: shape needs {count} element(s), got more in 'data'")
     raise InvalidInput(f"input {shown(name)} data nests arrays more deeply than {MAX_DIMS} dimensions")
 
 
@@ -326,7 +326,7 @@ def json_tensor(name: str, datatype: str, shape: list[int], data: list) -> bytes
     count = 1
     for d in shape:
         count *= d
-    flat = _flatten(name, data, count)
+    flat, kinds = _flatten(name, data, count)
     if len(flat) != count:
         raise InvalidInput(f"input {shown(name)}: shape {shape} needs {count} {datatype} element(s) in 'data', "
                            f"got {len(flat)}")
@@ -334,16 +334,16 @@ def json_tensor(name: str, datatype: str, shape: list[int], data: list) -> bytes
     if dtype is None:  # check_request refuses it first; kept for direct callers
         raise InvalidInput(f"input {shown(name)}: unknown datatype {shown(datatype)}")
     if datatype == "BYTES":
-        _types(name, datatype, flat, (str,), "strings")
+        _types(name, datatype, flat, kinds, (str,), "strings")
         try:
             return codec.serialize_bytes(np.asarray(flat, dtype=object) if flat else np.empty(0, dtype=object))
         except UnicodeEncodeError:
             raise InvalidInput(f"input {shown(name)}: a string is not valid Unicode (a lone surrogate)") from None
     if datatype == "BOOL":
-        _types(name, datatype, flat, (bool,), "true or false")
+        _types(name, datatype, flat, kinds, (bool,), "true or false")
         return np.asarray(flat, dtype=np.bool_).tobytes()
     if datatype in _FLOATS:
-        _types(name, datatype, flat, (int, float), "numbers")
+        _types(name, datatype, flat, kinds, (int, float), "numbers")
         try:
             wide = np.asarray(flat, dtype=np.float64)
         except OverflowError:
@@ -356,18 +356,21 @@ def json_tensor(name: str, datatype: str, shape: list[int], data: list) -> bytes
             raise InvalidInput(f"input {shown(name)}: element {k} is {flat[k]!r}, expected a finite {datatype} number "
                                f"(NaN for a missing value)")
         return arr.tobytes()
-    _types(name, datatype, flat, (int,), "integers")
+    _types(name, datatype, flat, kinds, (int,), "integers")
     info = np.iinfo(dtype)
-    if flat:
-        lo, hi = min(flat), max(flat)
-        if lo < info.min or hi > info.max:
-            raise InvalidInput(f"input {shown(name)}: {datatype} values must lie in [{info.min}, {info.max}], got "
-                               f"[{lo}, {hi}]")
-    return np.asarray(flat, dtype=dtype.newbyteorder("<")).tobytes()
+    try:
+        wide = np.asarray(flat, dtype=np.uint64 if datatype == "UINT64" else np.int64)
+        ok = not flat or (info.min <= wide.min() and wide.max() <= info.max)
+    except OverflowError:
+        ok = False
+    if not ok:
+        k = next(i for i, v in enumerate(flat) if not info.min <= v <= info.max)
+        raise InvalidInput(f"input {shown(name)}: {datatype} values must lie in [{info.min}, {info.max}], got "
+                           f"{flat[k]} at element {k}")
+    return wide.astype(dtype.newbyteorder("<")).tobytes()
 
 
-def _types(name: str, datatype: str, flat: list, allowed: tuple[type, ...], what: str) -> None:
-    kinds = set(map(type, flat))
+def _types(name: str, datatype: str, flat: list, kinds: set, allowed: tuple[type, ...], what: str) -> None:
     if kinds.issubset(allowed):
         return
     k = next(i for i, v in enumerate(flat) if type(v) not in allowed)
