@@ -164,6 +164,7 @@ class RestServer:
                        "/v2/models/{name}/trace"):
             routes += [web.route("*", prefix + "{tail:(/.*)?}", self.unimplemented)]
         app.add_routes(routes)
+        app.on_response_prepare.append(_no_server_header)
         return app
 
     async def start(self) -> int:
@@ -419,6 +420,10 @@ class RestServer:
             return web.Response(body=body, content_type="application/json")
         return web.Response(body=body, content_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(json_length)})
+
+
+async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.popall("Server", None)  # the library and Python versions are no client's business
 
 
 class _TooLarge(Exception):

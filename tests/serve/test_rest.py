@@ -610,3 +610,8 @@ def test_rest_over_tls_with_the_grpc_port_files(repo, pki, spec, mutual):  # noq
             with th.InferenceServerClient(f"127.0.0.1:{port}", ssl=True,
                                           ssl_options={"ca_certs": pki["ca"]["cert"]}) as hc:
                 assert hc.infer("ctr", _inputs(th, contract_feeds(spec, 2))).as_numpy("ctr").shape == (2, 1)
+
+
+def test_answers_do_not_name_the_http_library(rest):
+    _, _, headers = _request(rest, "GET", "/v2/health/live")
+    assert "Server" not in headers
