@@ -615,3 +615,35 @@ def test_rest_over_tls_with_the_grpc_port_files(repo, pki, spec, mutual):  # noq
 def test_answers_do_not_name_the_http_library(rest):
     _, _, headers = _request(rest, "GET", "/v2/health/live")
     assert "Server" not in headers
+
+
+def test_ctredge_serve_http_port_and_sigterm(repo):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(repo), "--port", "0",
+                             "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2], env=env)
+    try:
+        assert " on 127.0.0.1:" in proc.stdout.readline()  # printed once ready
+        port = None
+        while port is None:
+            line = proc.stderr.readline()
+            assert line, "the server exited"
+            found = re.search(r"KServe v2 REST on http://127\.0\.0\.1:(\d+)/v2", line)
+            port = int(found.group(1)) if found else None
+        assert _request(None, "GET", "/v2/health/ready", port=port)[0] == 200
+        status, body, _ = _request(None, "GET", "/v2/models/plain", port=port)
+        assert status == 200 and body["name"] == "plain"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
