@@ -180,8 +180,8 @@ class RestServer:
             sock = socket.create_server((host, o.http_port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         except OSError as exc:
             raise ServeError(f"cannot listen on {host}:{o.http_port} for REST: {exc.strerror or exc}") from exc
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                     shutdown_timeout=max(o.grace_seconds, 0.1))
+        # stop() waits for the requests in hand itself (within the server's grace); aiohttp's own wait is a backstop
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, ssl_context=ctx).start()
         self.port = int(sock.getsockname()[1])
@@ -210,7 +210,7 @@ class RestServer:
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(None)
         except web.HTTPMethodNotAllowed as exc:
-            return error_response(405, f"{request.method} is not allowed on {request.path}; expected "
+            return error_response(405, f"{request.method} is not allowed on {codec.shown(request.path)}; expected "
                                        f"{' or '.join(sorted(exc.allowed_methods))}",
                                   {"Allow": ",".join(sorted(exc.allowed_methods))})
         except web.HTTPNotFound:
@@ -218,7 +218,7 @@ class RestServer:
                                        f"speaks KServe v2 REST under /v2")
         except web.HTTPException:
             raise
-        except Exception as exc:  # a client's mistake (ServeError) or a bug: logged, answered 500, serving on
+        except Exception as exc:  # a client's mistake (its status), or a bug (logged, 500); the server serves on
             code, message = grpc_status(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.error("REST %s %s failed", request.method, request.path, exc_info=exc)

@@ -430,7 +430,8 @@ def test_unknown_endpoints_methods_and_unimplemented_extensions(rest):
     status, answer, _ = _request(rest, "GET", "/v2/nope")
     assert status == 404 and "this server speaks KServe v2 REST under /v2" in answer["error"]
     status, answer, headers = _request(rest, "GET", "/v2/models/ctr/infer")
-    assert status == 405 and headers["Allow"] == "POST" and "GET is not allowed" in answer["error"]
+    assert status == 405 and headers["Allow"] == "POST"
+    assert "GET is not allowed on '/v2/models/ctr/infer'; expected POST" in answer["error"]
     status, answer, _ = _request(rest, "GET", "/v2/systemsharedmemory/status")
     assert status == 501 and answer["error"] == "SystemSharedMemoryStatus is not implemented by this server"
     status, answer, _ = _request(rest, "POST", "/v2/cudasharedmemory/region/r/register", b"{}")
