@@ -102,6 +102,7 @@ def _parameters(where: str, value: Any, target: Any, consumed: Sequence[str] = (
         raise InvalidInput(f"{where} parameters: {len(value)} of them, expected at most {MAX_PARAMETERS}")
     kept = {}
     for key, v in value.items():
+        _text(f"{where} parameter name", key)
         if key in consumed:
             kept[key] = v
             continue
@@ -113,7 +114,8 @@ def _parameters(where: str, value: Any, target: Any, consumed: Sequence[str] = (
         elif isinstance(v, float):
             p.double_param = v
         else:
-            p.string_param = v if isinstance(v, str) else json.dumps(v)[:256]
+            p.string_param = _text(f"{where} parameter {shown(key)}", v) if isinstance(v, str) else \
+                json.dumps(v)[:256]
     return kept
 
 
@@ -199,7 +201,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str, model_v
         json_end = size
     else:
         text = header_length.strip()
-        if not text.isdigit() or len(text) > 12:
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
             raise InvalidInput(f"{HEADER_LENGTH}: expected the JSON header's length in bytes, got "
                                f"{shown(header_length)}")
         json_end = int(text)

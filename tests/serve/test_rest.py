@@ -346,6 +346,8 @@ BAD_JSON = [
     (b'{"inputs": [{"name": "dense", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, Infinity]}]}',
      "the JSON holds Infinity: expected finite numbers (NaN stands for a missing value)"),
     (json.dumps({"inputs": [_tensor("\ud800", "FP32", [1], [1])]}).encode(), "not valid Unicode"),
+    (b'{"inputs": [], "parameters": {"\\ud800": 1}}', "request parameter name: the string is not valid Unicode"),
+    (b'{"id": 5, "inputs": []}', "id: expected a string, got an integer"),
 ]
 
 
@@ -398,7 +400,7 @@ def test_binary_sizes_must_add_up(rest, spec, stub):
     assert "needs 16 bytes, got 12 bytes" in answer["error"]
     for header, needle in (("x12", "expected the JSON header's length in bytes, got 'x12'"),
                            ("99999", "is 99999 bytes, but the body has only"),
-                           ("-1", "got '-1'")):
+                           ("-1", "got '-1'"), ("\u00b2", "expected the JSON header's length in bytes")):
         status, answer, _ = send((16, 40, 40), dense + cat + hist, header)
         assert status == 400 and needle in answer["error"], header
 
@@ -473,6 +475,8 @@ def test_model_control_over_rest_follows_the_grpc_rules(control):
             gc.load_model("ctr", config=json.dumps({"max_batch_size": 2}))
         assert info.value.status() == "400" and "RepositoryModelLoad parameters" in info.value.message()
         assert info.value.message() == ginfo.value.message()
+        status, answer, _ = _request(s, "POST", "/v2/repository/models/ctr/load", b'{"parameters": []}')
+        assert status == 400 and "parameters: expected a JSON object" in answer["error"]
         for name in ("nope", "../outside", ".."):
             with pytest.raises(InferenceServerException) as info:
                 hc.load_model(name)
