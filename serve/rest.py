@@ -48,7 +48,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ctredge.serve import codec, security
 from ctredge.serve.errors import InvalidInput, ServeError, grpc_status
-from ctredge.serve.restcodec import HEADER_LENGTH, _text, encode_infer, loads, message_json, parse_infer
+from ctredge.serve.restcodec import HEADER_LENGTH, check_text, encode_infer, loads, message_json, parse_infer
 from ctredge.serve.servicer import INLINE_ELEMENTS, PARSE_INLINE_BYTES, Undecodable
 
 log = logging.getLogger("ctredge.serve")
@@ -345,7 +345,7 @@ class RestServer:
             raise InvalidInput(f"{method} parameters: expected a JSON object, got {type(params).__name__}")
         req = cls(model_name=request.match_info["name"])
         for key, value in params.items():
-            _text(f"{method} parameter name", key)
+            check_text(f"{method} parameter name", key)
             if method == "RepositoryModelUnload" and key == "unload_dependents" and isinstance(value, bool):
                 continue  # tritonclient always sends it; a ctredge model has no dependents (no ensembles)
             req.parameters[key].string_param = value if isinstance(value, str) else json.dumps(value)[:64]

@@ -102,7 +102,7 @@ def _parameters(where: str, value: Any, target: Any, consumed: Sequence[str] = (
         raise InvalidInput(f"{where} parameters: {len(value)} of them, expected at most {MAX_PARAMETERS}")
     kept = {}
     for key, v in value.items():
-        _text(f"{where} parameter name", key)
+        check_text(f"{where} parameter name", key)
         if key in consumed:
             kept[key] = v
             continue
@@ -114,7 +114,7 @@ def _parameters(where: str, value: Any, target: Any, consumed: Sequence[str] = (
         elif isinstance(v, float):
             p.double_param = v
         else:
-            p.string_param = _text(f"{where} parameter {shown(key)}", v) if isinstance(v, str) else \
+            p.string_param = check_text(f"{where} parameter {shown(key)}", v) if isinstance(v, str) else \
                 json.dumps(v)[:256]
     return kept
 
@@ -125,7 +125,7 @@ def _bool(where: str, value: Any) -> bool:
     return value
 
 
-def _text(where: str, value: Any) -> str:
+def check_text(where: str, value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{where}: expected a string, got {_kind(value)}")
     try:
@@ -217,7 +217,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str, model_v
                            f"{sorted(_INFER_KEYS)}")
     req = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
     if "id" in doc:
-        req.id = _text("id", doc["id"])
+        req.id = check_text("id", doc["id"])
     consumed = _parameters("request", doc.get("parameters"), req.parameters, ("binary_data_output",))
     binary_default = _bool("parameters.binary_data_output", consumed["binary_data_output"]) \
         if "binary_data_output" in consumed else False
@@ -253,7 +253,7 @@ def parse_infer(body: bytes, header_length: str | None, model_name: str, model_v
             if extra:
                 raise InvalidInput(f"{where}: unknown key(s) [{', '.join(map(shown, extra[:8]))}]; expected "
                                    f"{sorted(_OUTPUT_KEYS)}")
-            name = _text(f"{where}.name", o.get("name"))
+            name = check_text(f"{where}.name", o.get("name"))
             out = req.outputs.add(name=name)
             kept = _parameters(f"output {shown(name)}", o.get("parameters"), out.parameters, ("binary_data",))
             if "binary_data" in kept:
@@ -270,8 +270,8 @@ def _input(i: int, t: Any, req: Any, offset: int, size: int) -> Any:
     if extra:
         raise InvalidInput(f"{where}: unknown key(s) [{', '.join(map(shown, extra[:8]))}]; expected "
                            f"{sorted(_INPUT_KEYS)}")
-    name = _text(f"{where}.name", t.get("name"))
-    datatype = _text(f"input {shown(name)} datatype", t.get("datatype"))
+    name = check_text(f"{where}.name", t.get("name"))
+    datatype = check_text(f"input {shown(name)} datatype", t.get("datatype"))
     shape = t.get("shape")
     if not isinstance(shape, list):
         raise InvalidInput(f"input {shown(name)} shape: expected a JSON array of integers, got {_kind(shape)}")

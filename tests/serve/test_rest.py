@@ -652,3 +652,37 @@ def test_ctredge_serve_http_port_and_sigterm(repo):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
+
+
+# ----------------------------------------------------------------------------- fuzzing the REST body
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) |
+                     st.text(max_size=6), lambda inner: st.lists(inner, max_size=5) |
+                     st.dictionaries(st.text(max_size=4), inner, max_size=4), max_leaves=20)
+_TENSOR = st.fixed_dictionaries(
+    {"name": st.sampled_from(["dense", "cat", "hist", "cat_raw", "hist_raw", "x", "k", "s", ""]),
+     "datatype": st.sampled_from(["FP32", "INT64", "INT32", "BYTES", "BOOL", "FP16", "UINT64", "NOPE"]),
+     "shape": st.lists(st.integers(-2, 6), max_size=3)},
+    optional={"data": st.lists(_JSON, max_size=12) | _JSON,
+              "parameters": st.dictionaries(st.sampled_from(["binary_data_size", "shared_memory_region", "x"]),
+                                            st.integers(-2, 40) | _JSON, max_size=2)})
+_BODY = st.fixed_dictionaries({}, optional={
+    "inputs": st.lists(_TENSOR, max_size=4) | _JSON, "outputs": st.lists(
+        st.fixed_dictionaries({"name": st.sampled_from(["ctr", "y", "name", "nope"])},
+                              optional={"parameters": st.dictionaries(st.just("binary_data"), _JSON, max_size=1)}),
+        max_size=2),
+    "parameters": st.dictionaries(st.sampled_from(["binary_data_output", "priority"]), _JSON, max_size=2),
+    "id": _JSON})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_BODY, model=st.sampled_from(["ctr", "plain"]), tail=st.binary(max_size=64))
+def test_fuzzed_bodies_get_a_client_status_never_a_500(rest, doc, model, tail):
+    body = json.dumps(doc).encode()
+    headers = {"Inference-Header-Content-Length": str(len(body))} if tail else {}
+    status, answer, _ = _request(rest, "POST", f"/v2/models/{model}/infer", body + tail, headers)
+    assert status in (200, 400, 404, 501, 503), answer
+    if status != 200:
+        assert isinstance(answer, dict) and answer["error"], answer
