@@ -686,3 +686,64 @@ def test_fuzzed_bodies_get_a_client_status_never_a_500(rest, doc, model, tail):
     assert status in (200, 400, 404, 501, 503), answer
     if status != 200:
         assert isinstance(answer, dict) and answer["error"], answer
+
+
+# ----------------------------------------------------------------------------- a request in flight
+def _slow(s, model="ctr", seconds=0.6):
+    """Make ``model``'s runs take ``seconds`` longer (in this process), so a request stays in flight."""
+    import asyncio
+
+    mv = s.server.repository.get(model)
+    original = mv.scheduler.predict
+
+    async def predict(feeds, deadline=None):
+        await asyncio.sleep(seconds)
+        return await original(feeds, deadline)
+
+    mv.scheduler.predict = predict
+
+
+def _in_thread(fn):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn()))
+    t.start()
+    return t, out
+
+
+def _wait_in_flight(s, n=1):
+    deadline = time.monotonic() + 10
+    while s.server.servicer.in_flight < n:
+        assert time.monotonic() < deadline, "the request never arrived"
+        time.sleep(0.005)
+
+
+def test_a_full_server_is_429_with_the_grpc_message(repo, spec):
+    with ServerThread(repo, port=0, http_port=0, max_concurrent_rpcs=1) as s:
+        _slow(s)
+        doc = json.dumps({"inputs": _good(spec)}).encode()
+        t, out = _in_thread(lambda: _request(s, "POST", "/v2/models/ctr/infer", doc))
+        _wait_in_flight(s)
+        status, answer, _ = _request(s, "POST", "/v2/models/ctr/infer", doc)
+        with grpc.insecure_channel(s.url) as ch:
+            code, details = _grpc_error(service_pb2_grpc.GRPCInferenceServiceStub(ch),
+                                        codec.build_request("ctr", contract_feeds(spec, 1)))
+        assert (status, answer["error"]) == (429, details) and code == "RESOURCE_EXHAUSTED"
+        t.join(30)
+        assert out["r"][0] == 200
+
+
+def test_a_rest_request_in_flight_is_answered_through_the_drain(repo, spec):
+    s = ServerThread(repo, port=0, http_port=0).start()
+    _slow(s)
+    doc = json.dumps({"inputs": _good(spec)}).encode()
+    t, out = _in_thread(lambda: _request(s, "POST", "/v2/models/ctr/infer", doc))
+    _wait_in_flight(s)
+    stopper = threading.Thread(target=s.stop)
+    stopper.start()
+    while s.server.servicer.accepting:
+        time.sleep(0.005)
+    status, answer, _ = _request(s, "POST", "/v2/models/ctr/infer", doc)  # a new one during the drain
+    assert status == 503 and "shutting down" in answer["error"]
+    t.join(30)
+    stopper.join(30)
+    assert out["r"][0] == 200 and out["r"][1]["outputs"][0]["shape"] == [1, 1]
