@@ -126,6 +126,7 @@ def _bool(where: str, value: Any) -> bool:
 
 
 def check_text(where: str, value: Any) -> str:
+    """``value`` if it is a string that UTF-8 can carry (what protobuf strings need), else :class:`InvalidInput`."""
     if not isinstance(value, str):
         raise InvalidInput(f"{where}: expected a string, got {_kind(value)}")
     try:
@@ -141,9 +142,9 @@ class RestInfer:
 
     ``header``: a ``ModelInferRequest`` with names, datatypes, shapes and
     parameters but no tensor data; ``sources``: per input, a JSON list or the
-    ``(offset, size)`` of its binary data in ``body``; ``binary_outputs``: the
-    output names answered as binary data (None: every output, when
-    ``binary_default``).
+    ``(offset, size)`` of its binary data in ``body``; ``binary``: per output
+    named with ``parameters.binary_data``, whether it is answered as binary data;
+    ``binary_default``: the request's ``binary_data_output``, for the others.
     """
 
     header: Any
