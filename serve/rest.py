@@ -3,11 +3,10 @@
 Each REST call becomes the protobuf request of its gRPC method and is answered by
 the same :class:`~ctredge.serve.servicer.InferenceServicer` handler, on the same
 event loop: checks, limits, counting (ModelStatistics and Prometheus, once per
-request), drain and messages are the gRPC ones by construction (a REST request has no
-deadline: KServe v2 defines none).  The
-gRPC status of an answer becomes its HTTP status (:data:`HTTP_STATUS`, the
-mapping of ``google.rpc.Code`` to HTTP), the message goes unchanged into
-Triton's ``{"error": "..."}`` body.
+request), drain and messages are the gRPC ones by construction (a REST request
+has no deadline: KServe v2 defines none).  The gRPC status of an answer becomes
+its HTTP status (:data:`HTTP_STATUS`, the mapping of ``google.rpc.Code`` to
+HTTP), the message goes unchanged into Triton's ``{"error": "..."}`` body.
 
 =======================================================  ======  =====================  ======
 path                                                     method  gRPC method            role
