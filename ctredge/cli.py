@@ -166,7 +166,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                             infer_token_file=args.infer_token_file, admin_token_file=args.admin_token_file,
                             metrics_host=args.metrics_host, max_concurrent_rpcs=args.max_concurrent_rpcs,
-                            max_inflight_bytes=args.max_inflight_mb * 1024 * 1024)
+                            max_inflight_bytes=args.max_inflight_mb * 1024 * 1024,
+                            http_port=args.http_port, http_host=args.http_host)
 
     def ready(port: int, metrics_port: int | None = None) -> None:
         if metrics_port is not None:
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--providers", help="execution providers for every model, e.g. 'cpu' or 'cuda,cpu' "
                                         "(default: each config.json's, 'auto' = CUDA if available, then CPU)")
     sv.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (0: any)")
+    sv.add_argument("--http-port", type=int, help="also serve KServe v2 REST on this port (Triton's is 8000; "
+                                                  "0: any; default: off)")
+    sv.add_argument("--http-host", help="address of the REST port (default: --host)")
     sv.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
     sv.add_argument("--model-control-mode", choices=("none", "poll", "explicit"),
                     help="Triton's: none (default) refuses load/unload calls; poll re-reads the repository every "

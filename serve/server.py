@@ -127,6 +127,9 @@ class ServerOptions:
     metrics_host: str | None = None
     max_concurrent_rpcs: int = 2048
     max_inflight_bytes: int = 512 * 1024 * 1024
+    # KServe v2 REST (serve/rest.py): its port (0 picks one; None: off) and address (None: ``host``)
+    http_port: int | None = None
+    http_host: str | None = None
 
     def __post_init__(self) -> None:
         mode = self.model_control_mode
@@ -144,6 +147,8 @@ class ServerOptions:
         if self.max_inflight_bytes < self.max_message_bytes:
             raise ServeError(f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_message_bytes "
                              f"({self.max_message_bytes})")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ServeError(f"http port must be in [0, 65535], got {self.http_port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ServeError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
         if self.poll_seconds is not None and self.poll_seconds <= 0:
@@ -218,6 +223,8 @@ class InferenceServer:
                                           max_inflight_bytes=self.options.max_inflight_bytes, executor=self.decoder)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: Any = None  # serve/rest.py RestServer when options.http_port is set
         self._server: Any = None
         self._health: Any = None
         self._poller: asyncio.Task | None = None
@@ -269,12 +276,25 @@ class InferenceServer:
             raise ServeError(f"cannot listen on {address} (address in use?)")
         self.port = port
         await self._server.start()
+        if o.http_port is not None:
+            from ctredge.serve.rest import RestServer
+
+            self._http = RestServer(self.servicer, self.repository, o, executor=self.decoder, on_refused=self._refused)
+            try:
+                self.http_port = await self._http.start()
+            except BaseException:
+                self._http = None
+                await self._server.stop(None)
+                self.executor.shutdown(wait=False)
+                self.decoder.shutdown(wait=False)
+                raise
         log.info("listening on %s:%d (%s; live; loading models from %s; model control %s)", o.host, port,
                  "TLS" + (" with client certificates" if o.tls_client_ca else "") if credentials else "plaintext",
                  self.repository.root, o.model_control_mode)
         try:
             await self.repository.load()
         except BaseException:
+            await self._stop_http()
             await self._server.stop(None)
             self.executor.shutdown(wait=False)
             self.decoder.shutdown(wait=False)
@@ -283,6 +303,7 @@ class InferenceServer:
             try:
                 self.metrics_port = self.metrics.serve(o.metrics_port, o.metrics_host or o.host)
             except BaseException:
+                await self._stop_http()
                 await self._server.stop(None)
                 self.executor.shutdown(wait=False)
                 self.decoder.shutdown(wait=False)
@@ -298,6 +319,11 @@ class InferenceServer:
         log.info("ready: %s", ", ".join(f"{mv.name} v{mv.version} on {mv.provider}"
                                         for mv in self.repository.all() if mv.ready) or "no model is ready")
         return port
+
+    async def _stop_http(self, grace: float = 0.0) -> None:
+        if self._http is not None:
+            await self._http.stop(grace)
+            self._http = None
 
     def _refused(self, method: str, code: Any) -> None:
         if self.metrics is not None:
@@ -350,6 +376,7 @@ class InferenceServer:
         if self.servicer.in_flight:
             log.warning("grace period over with %d request(s) still in flight; they are cancelled",
                         self.servicer.in_flight)
+        await self._stop_http(max(0.0, end - time.monotonic()))
         await self._server.stop(max(0.0, end - time.monotonic()))
         self.executor.shutdown(wait=True)
         self.decoder.shutdown(wait=True)
