@@ -62,13 +62,13 @@ class Served:
         self.channels.append(ch)
         return ch
 
-    def workers(self, n: int = 2, tries: int = 64) -> dict[int, tuple[grpc.Channel, int]]:
+    def workers(self, n: int = 2, tries: int = 64, metadata=None) -> dict[int, tuple[grpc.Channel, int]]:
         """{worker index: (a channel to it, its pid)} for ``n`` workers."""
         found: dict[int, tuple[grpc.Channel, int]] = {}
         for _ in range(tries):
             ch = self.channel()
             _, call = service_pb2_grpc.GRPCInferenceServiceStub(ch).ServerMetadata.with_call(
-                pb.ServerMetadataRequest(), timeout=30)
+                pb.ServerMetadataRequest(), timeout=30, metadata=metadata)
             index, pid = dict(call.initial_metadata())["ctredge-worker"].split()
             found.setdefault(int(index), (ch, int(pid)))
             if len(found) == n:
@@ -296,5 +296,35 @@ def test_a_killed_worker_is_restarted_and_health_waits_for_every_worker(one_mode
         for index in (0, 1):
             assert decode_response(_stub(w2[index][0]).ModelInfer(request, timeout=30))["ctr"].shape == (2, 1)
             assert _health(w2[index][0]) == SERVING
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------------------------------------ security, limits
+def test_tokens_and_limits_hold_in_every_worker(one_model, tmp_path):
+    spec = small_spec()
+    infer, admin = "infer-token-0123456789abcdef", "admin-token-0123456789abcdef"
+    (tmp_path / "infer").write_text(infer + "\n")
+    (tmp_path / "admin").write_text(admin + "\n")
+    (one_model / "ctr" / "config.json").write_text(json.dumps({"max_batch_size": 20000}))
+    s = Served(one_model, tmp_path, "--workers", "2", "--infer-token-file", str(tmp_path / "infer"),
+               "--admin-token-file", str(tmp_path / "admin"), "--max-message-mb", "1")
+    try:
+        as_infer = (("authorization", f"Bearer {infer}"),)
+        as_admin = (("authorization", f"Bearer {admin}"),)
+        w = s.workers(metadata=as_infer)
+        small = build_request("ctr", contract_feeds(spec, 2))
+        big = build_request("ctr", contract_feeds(spec, 12000))  # over --max-message-mb 1
+        for index in (0, 1):
+            stub = _stub(w[index][0])
+            assert _code(lambda: stub.ModelInfer(small, timeout=30)) == grpc.StatusCode.UNAUTHENTICATED
+            assert _code(lambda: stub.ModelInfer(small, timeout=30, metadata=as_infer)) == grpc.StatusCode.OK
+            assert _code(lambda: stub.ModelInfer(big, timeout=30, metadata=as_infer)) == \
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            request = pb.ModelStatisticsRequest(name="ctr")
+            assert _code(lambda: stub.ModelStatistics(request, timeout=30, metadata=as_infer)) == \
+                grpc.StatusCode.PERMISSION_DENIED
+            stats = stub.ModelStatistics(request, timeout=30, metadata=as_admin)
+            assert stats.model_stats[0].inference_stats.success.count == index + 1  # one OK request per worker so far
     finally:
         s.close()
