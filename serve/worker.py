@@ -306,6 +306,10 @@ async def worker_main(sock: socket.socket) -> int:
         channel.notify({"op": "failed", "error": str(exc) or type(exc).__name__, "kind": type(exc).__name__})
         await channel.writer.drain()
         return 3
+    providers = sorted({mv.provider for mv in server.repository.all() if mv.ready})
+    if any("CUDA" in p for p in providers):
+        log.info("worker %d: models on %s; this worker holds a CUDA context of its own (one per worker: GPU "
+                 "memory grows with --workers)", link.index, ", ".join(providers))
     sampler = loop.create_task(_sample_metrics(server.metrics)) if server.metrics is not None else None
     channel.notify({"op": "started", "pid": os.getpid(), "port": port})
     link.report_ready(server)

@@ -98,7 +98,21 @@ def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound (never listening) to ``host:port`` with SO_REUSEPORT: the workers' port, held until the end."""
+    """A socket bound (never listening) to ``host:port`` with SO_REUSEPORT: the workers' port, held until the end.
+
+    SO_REUSEPORT would let this server share a port that another SO_REUSEPORT
+    server (another ``ctredge serve --workers``) listens on: a port that accepts
+    a connection is refused first.
+    """
+    if port:
+        probe = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        try:
+            with socket.create_connection((probe, port), timeout=1.0):
+                pass
+        except OSError:
+            pass
+        else:
+            raise ServeError(f"cannot listen on {host}:{port}: another server is listening there")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -182,6 +196,9 @@ class Supervisor:
             if o.metrics_port is not None:
                 self._serve_metrics(o.metrics_port, o.metrics_host or o.host)
         except BaseException:
+            for slot in self.slots:  # one error is raised; the others' are the same story
+                if slot.first is not None and slot.first.done() and not slot.first.cancelled():
+                    slot.first.exception()
             await self.stop()
             raise
         log.info("%d workers serving on %s:%d (pids %s)", self.n, o.host, self.port,
@@ -329,6 +346,8 @@ class Supervisor:
     # ------------------------------------------------------------------ stop
     async def stop(self) -> None:
         """Every worker drains (SIGTERM: as one server does) and exits; killed after the grace period and a margin."""
+        if self.stopping:
+            return
         self.stopping = True
         self._update_all_ready()
         procs = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]

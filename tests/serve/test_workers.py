@@ -198,6 +198,25 @@ def test_explicit_reload_and_unload_reach_every_worker_and_no_request_is_lost(on
         s.close()
 
 
+def test_poll_mode_every_worker_polls_and_picks_up_a_new_version(one_model, tmp_path):
+    spec = small_spec()
+    s = Served(one_model, tmp_path, "--workers", "2", "--model-control-mode", "poll", "--poll-seconds", "0.2")
+    try:
+        w = s.workers()
+        request = build_request("ctr", contract_feeds(spec, 1, seed=0))
+        save(ctr_model(spec, seed=2), one_model / "ctr" / "2" / "model.onnx")
+        for index in (0, 1):
+            stub = _stub(w[index][0])
+            end = time.monotonic() + WAIT_S
+            while stub.ModelInfer(request, timeout=30).model_version != "2":  # every answer meanwhile is OK
+                assert time.monotonic() < end, f"worker {index} never served v2"
+                time.sleep(0.05)
+        assert _code(lambda: _stub(w[0][0]).RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name="ctr"), timeout=30)) == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        s.close()
+
+
 # ------------------------------------------------------------------------------------------------ counting
 def test_statistics_and_metrics_count_each_request_once_across_workers(one_model, tmp_path):
     spec = small_spec()
