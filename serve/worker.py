@@ -239,6 +239,8 @@ class WorkerLink:
             if self.server is not None:
                 await self.server._update_health()
             return None
+        if op == "stats" and not self._loaded.is_set():
+            return []  # still loading: nothing counted yet
         await self._loaded.wait()  # control that arrives while this worker loads waits for the load
         repo = self.server.repository
         if op == "load":

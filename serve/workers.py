@@ -234,13 +234,15 @@ class Supervisor:
             child.close()
         slot.pid, slot.ready, slot.started_at = slot.proc.pid, False, time.monotonic()
         started: asyncio.Future = asyncio.get_running_loop().create_future()
-        slot.channel = await Channel.over(parent, lambda msg, s=slot, f=started: self._handle(s, f, msg))
-        reader = asyncio.get_running_loop().create_task(slot.channel.run())
+        channel = await Channel.over(parent, lambda msg, s=slot, f=started: self._handle(s, f, msg))
+        reader = asyncio.get_running_loop().create_task(channel.run())
         slot.tasks.add(reader)
         reader.add_done_callback(slot.tasks.discard)
-        async with self._control:  # the unloads so far, and every control operation after them, reach it
-            slot.channel.notify({"index": slot.index, "repository": self.repository, "options": self._worker_options,
-                                 "unloaded": set(self.unloaded), "log_level": logging.getLogger("ctredge").level})
+        async with self._control:
+            # its configuration first, with the unloads so far; every control operation after them reaches it
+            channel.notify({"index": slot.index, "repository": self.repository, "options": self._worker_options,
+                            "unloaded": set(self.unloaded), "log_level": logging.getLogger("ctredge").level})
+            slot.channel = channel
         exited = asyncio.get_running_loop().create_task(slot.proc.wait())
         await asyncio.wait([started, exited], return_when=asyncio.FIRST_COMPLETED)
         if not started.done():

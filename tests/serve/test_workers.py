@@ -347,3 +347,23 @@ def test_tokens_and_limits_hold_in_every_worker(one_model, tmp_path):
             assert stats.model_stats[0].inference_stats.success.count == index + 1  # one OK request per worker so far
     finally:
         s.close()
+
+
+# ------------------------------------------------------------------------------------------------ units
+def test_merged_statistics_are_the_sum_of_the_workers_snapshots():
+    from ctredge.serve.stats import ModelStats
+
+    a, b = ModelStats("m", 3), ModelStats("m", 3)
+    a.request(True, 100, 1, 2, 3, 4)
+    a.execution(1, 2, 3, 4)
+    b.request(True, 200, 10, 20, 30, 40)
+    b.request(False, 50)
+    b.execution(1, 20, 30, 40)
+    b.execution(4, 1, 1, 1)
+    m = ModelStats.merged("m", 3, [a.snapshot(), b.snapshot()]).to_proto()
+    assert (m.name, m.version, m.inference_count, m.execution_count) == ("m", "3", 6, 3)
+    s = m.inference_stats
+    assert (s.success.count, s.success.ns, s.fail.count, s.fail.ns) == (2, 300, 1, 50)
+    assert (s.queue.ns, s.compute_input.ns, s.compute_infer.ns, s.compute_output.ns) == (11, 22, 33, 44)
+    assert {x.batch_size: (x.compute_infer.count, x.compute_infer.ns) for x in m.batch_stats} == {1: (2, 33), 4: (1, 1)}
+    assert m.last_inference == max(a.last_inference_ms, b.last_inference_ms)
