@@ -201,7 +201,7 @@ class InferenceServer:
     """A ``grpc.aio`` server over one repository folder; create and use it inside an event loop.
 
     ``worker``: set when this server is one worker process of ``ctredge serve
-    --workers N`` (a :class:`ctredge.serve.workers.WorkerLink`): it then shares
+    --workers N`` (a :class:`ctredge.serve.worker.WorkerLink`): it then shares
     its port with the other workers (SO_REUSEPORT), loads before it listens,
     leaves ``/metrics`` to the supervisor and answers model control, statistics
     and readiness for all workers together.
@@ -224,9 +224,9 @@ class InferenceServer:
                                      drain_seconds=max(self.options.grace_seconds, 1.0))
         servicer_class = InferenceServicer if worker is None else worker.make_servicer
         self.servicer = servicer_class(self.repository, self.metrics, on_change=self._update_health,
-                                          control_mode=self.options.model_control_mode,
-                                          max_in_flight=self.options.max_concurrent_rpcs,
-                                          max_inflight_bytes=self.options.max_inflight_bytes, executor=self.decoder)
+                                       control_mode=self.options.model_control_mode,
+                                       max_in_flight=self.options.max_concurrent_rpcs,
+                                       max_inflight_bytes=self.options.max_inflight_bytes, executor=self.decoder)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: Any = None

@@ -278,7 +278,10 @@ async def worker_main(sock: socket.socket) -> int:
     """Serve as one worker until SIGTERM/SIGINT or the supervisor's end; returns the exit status."""
     from ctredge.serve.server import InferenceServer
 
+    parent = os.getppid()
     _die_with_parent()
+    if os.getppid() != parent:  # the supervisor died before the death signal was armed
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -296,7 +299,11 @@ async def worker_main(sock: socket.socket) -> int:
 
     channel = await Channel.over(sock, handle)
     reader = loop.create_task(channel.run())
-    config = await first
+    await asyncio.wait([first, loop.create_task(channel.closed.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if not first.done():
+        log.error("the supervisor went away before it configured this worker")
+        return 1
+    config = first.result()
     link = WorkerLink(config["index"], config["unloaded"])
     link.channel = channel
     linked.set()

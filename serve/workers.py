@@ -182,6 +182,8 @@ class Supervisor:
         self._reservation = _reserve_port(o.host, o.port)
         self.port = self._reservation.getsockname()[1]
         run_threads = o.run_threads or max(1, math.ceil(available_cores() / self.n))
+        # every worker gets the same options but the port: a REST port (or any other listener) added to
+        # ServerOptions needs the same reservation here and SO_REUSEPORT in the worker's listener
         self._worker_options = replace(o, port=self.port, run_threads=run_threads)
         if o.metrics_port is not None:
             self._metrics_dir = tempfile.mkdtemp(prefix="ctredge-metrics-")
