@@ -13,14 +13,26 @@ average.  Per server: RSS of the supervisor and of each worker after start.
 ``python -m ctredge.benchmarks.workers_scaling --repository REPO --model ctr-fp32 --data clicks.tsv
 --out OUT.json [--workers 1,2] [--rounds 3] [--seconds 4]`` prints one JSON line per cell and a
 markdown table of the medians.
+
+``--hop`` measures instead what the other design (front ends feeding shared
+executors) would add per request: a decoded 1-row request (the feeds of a
+ctredge contract model) handed to another process and its answer back,
+length-prefixed pickle over a Unix socket with asyncio at both ends, at 1, 16
+and 64 in flight: round trips/s and the front end's CPU per round trip.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing
 import os
+import pickle
+import resource
 import statistics
+import struct
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -126,16 +138,114 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ============================================================================ the shared-executor hop
+_FRAME = struct.Struct("<II")  # request id, body bytes
+
+
+def _hop_feeds() -> dict[str, Any]:
+    import numpy as np
+
+    return {"dense": np.ones((1, 13), np.float32), "cat": np.ones((1, 26), np.int64),
+            "hist": np.ones((1, 20), np.int64)}
+
+
+async def _hop_executor_main(path: str) -> None:
+    import numpy as np
+
+    answer = pickle.dumps({"ctr": np.zeros((1, 1), np.float32)}, protocol=5)
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                rid, n = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+                pickle.loads(await reader.readexactly(n))
+                writer.write(_FRAME.pack(rid, len(answer)) + answer)
+        except asyncio.IncompleteReadError:
+            done.set()
+
+    server = await asyncio.start_unix_server(serve, path=path)
+    async with server:
+        await done.wait()
+
+
+def _hop_executor(path: str) -> None:
+    asyncio.run(_hop_executor_main(path))
+
+
+async def _hop_front(path: str, seconds: float) -> list[dict[str, Any]]:
+    for _ in range(500):
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            break
+        except OSError:
+            await asyncio.sleep(0.02)
+    else:
+        raise RuntimeError("the executor process did not listen")
+    pending: dict[int, asyncio.Future] = {}
+
+    async def read() -> None:
+        while True:
+            rid, n = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+            pending.pop(rid).set_result(pickle.loads(await reader.readexactly(n)))
+
+    reading = asyncio.get_running_loop().create_task(read())
+    feeds, out, next_id = _hop_feeds(), [], [0]
+    for conc in (1, 16, 64):
+        end, count = time.perf_counter() + seconds, [0]
+
+        async def one() -> None:
+            loop = asyncio.get_running_loop()
+            while time.perf_counter() < end:
+                next_id[0] += 1
+                fut = pending[next_id[0]] = loop.create_future()
+                body = pickle.dumps(feeds, protocol=5)
+                writer.write(_FRAME.pack(next_id[0], len(body)) + body)
+                await fut
+                count[0] += 1
+
+        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.gather(*(one() for _ in range(conc)))
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        out.append({"in_flight": conc, "round_trips_per_s": count[0] / wall,
+                    "front_end_cpu_us_per_round_trip": cpu / max(1, count[0]) * 1e6, "load_avg_1m": os.getloadavg()[0]})
+    reading.cancel()
+    writer.close()
+    return out
+
+
+def measure_hop(seconds: float = 3.0) -> list[dict[str, Any]]:
+    """The shared-executor hop (module doc): one executor process, the front end in this process."""
+    with tempfile.TemporaryDirectory(prefix="ctredge-hop-") as tmp:
+        path = os.path.join(tmp, "executor.sock")
+        proc = multiprocessing.get_context("spawn").Process(target=_hop_executor, args=(path,), daemon=True)
+        proc.start()
+        try:
+            return asyncio.run(_hop_front(path, seconds))
+        finally:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctredge.benchmarks.workers_scaling", description=__doc__.split("\n")[0])
-    p.add_argument("--repository", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="click log (spec from its .spec.json sidecar)")
-    p.add_argument("--out", required=True, help="JSON file of every cell")
+    p.add_argument("--hop", action="store_true", help="measure the shared-executor hop only (module doc)")
+    p.add_argument("--repository")
+    p.add_argument("--model")
+    p.add_argument("--data", help="click log (spec from its .spec.json sidecar)")
+    p.add_argument("--out", help="JSON file of every cell")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0)
     args = p.parse_args(argv)
+    if args.hop:
+        for r in measure_hop(args.seconds):
+            print(json.dumps(r), flush=True)
+        return 0
+    if not (args.repository and args.model and args.data and args.out):
+        p.error("--repository, --model, --data and --out are required (or --hop)")
     results = measure(args.repository, args.model, args.data, [int(x) for x in args.workers.split(",")],
                       args.rounds, args.seconds)
     Path(args.out).write_text(json.dumps(results, indent=1))
