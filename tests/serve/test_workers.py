@@ -194,6 +194,9 @@ def test_explicit_reload_and_unload_reach_every_worker_and_no_request_is_lost(on
             _stub(w[1][0]).RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="ctr"), timeout=120)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # LoadRefused, as one server answers
         assert "config.json is invalid" in exc.value.details() and "still serving version(s) [2]" in exc.value.details()
+        with pytest.raises(grpc.RpcError) as exc:
+            _stub(w[0][0]).RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope"), timeout=60)
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND and "not in the repository" in exc.value.details()
     finally:
         s.close()
 
