@@ -157,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ctredge.serve.server import ServerOptions, run
 
     options = ServerOptions(host=args.host, port=args.port, require_gpu=args.require_gpu,
-                            intra_op_threads=args.threads, workers=args.workers,
+                            intra_op_threads=args.threads, run_threads=args.run_threads,
                             max_message_bytes=args.max_message_mb * 1024 * 1024,
                             dynamic_batching={"on": True, "off": False, "config": None}[args.batching],
                             providers=tuple(args.providers.split(",")) if args.providers else None,
@@ -175,6 +175,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   flush=True)
         print(f"serving {args.repository} on {args.host}:{port}", flush=True)
 
+    # worker processes (ctredge.serve.workers): N servers on one port; 1 is the plain server in this process
+    from ctredge.serve.workers import available_cores, run as run_workers
+
+    if args.workers is not None and args.workers < 1:
+        raise CtrEdgeError(f"--workers must be >= 1, got {args.workers}")
+    workers = args.workers if args.workers is not None else available_cores()
+    if workers > 1:
+        run_workers(args.repository, options, workers, on_ready=ready)
+        return 0
     run(args.repository, options, on_ready=ready)
     return 0
 
@@ -309,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8001, help="0 picks a free port (printed)")
     sv.add_argument("--require-gpu", action="store_true", help="fail unless models run on the CUDA provider")
     sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model (default: config.json, 1)")
-    sv.add_argument("--workers", type=int, help="threads running inferences concurrently (default: CPU count)")
+    sv.add_argument("--workers", type=int,
+                    help="server processes sharing the port (default: one per core this process may use, from its "
+                         "CPU affinity and cgroup quota; 1: a single process, no supervisor)")
+    sv.add_argument("--run-threads", type=int,
+                    help="threads running inferences concurrently, per process (default: the cores, shared among "
+                         "the workers)")
     sv.add_argument("--max-message-mb", type=int, default=16,
                     help="gRPC message size limit, after decompression (default 16)")
     sv.add_argument("--batching", choices=("config", "on", "off"), default="config",

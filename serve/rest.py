@@ -137,8 +137,9 @@ class RestServer:
     """
 
     def __init__(self, servicer: Any, repository: Any, options: Any, *, executor: Any = None,
-                 on_refused: Callable[[str, Any], None] | None = None):
+                 on_refused: Callable[[str, Any], None] | None = None, reuse_port: bool = False):
         self.servicer, self.repository, self.options = servicer, repository, options
+        self.reuse_port = reuse_port  # a worker of ``--workers N``: the supervisor holds the port
         self.executor = executor
         self.on_refused = on_refused
         self.max_body = options.max_message_bytes
@@ -177,7 +178,8 @@ class RestServer:
         host = o.http_host or o.host
         ctx = ssl_context(o.tls_cert, o.tls_key, o.tls_client_ca)
         try:
-            sock = socket.create_server((host, o.http_port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock = socket.create_server((host, o.http_port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                        reuse_port=self.reuse_port)
         except OSError as exc:
             raise ServeError(f"cannot listen on {host}:{o.http_port} for REST: {exc.strerror or exc}") from exc
         # stop() waits for the requests in hand itself (within the server's grace); aiohttp's own wait is a backstop

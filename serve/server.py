@@ -87,8 +87,9 @@ class ServerOptions:
     """Process-wide settings of ``ctredge serve`` (per-model settings are in ``config.json``).
 
     ``port`` 0 picks a free port.  ``intra_op_threads`` overrides every model's
-    config when set.  ``workers``: threads that run ONNX Runtime sessions
-    (None: the CPU count).  ``max_message_bytes``: gRPC receive/send limit; a
+    config when set.  ``run_threads``: threads that run ONNX Runtime sessions
+    (None: the CPU count; worker processes, ``ctredge serve --workers``, are
+    :mod:`.workers`).  ``max_message_bytes``: gRPC receive/send limit; a
     larger request is refused with RESOURCE_EXHAUSTED.  ``dynamic_batching``:
     None keeps each model's ``config.json``, True/False forces batching on/off
     for every model (``--batching on|off``); ``providers`` likewise overrides
@@ -111,7 +112,7 @@ class ServerOptions:
     port: int = 8001
     require_gpu: bool = False
     intra_op_threads: int | None = None
-    workers: int | None = None
+    run_threads: int | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 5.0
     dynamic_batching: bool | None = None
@@ -159,8 +160,8 @@ class ServerOptions:
             raise ServeError(f"port must be in [0, 65535], got {self.port}")
         if self.intra_op_threads is not None and self.intra_op_threads < 0:
             raise ServeError(f"threads must be >= 0, got {self.intra_op_threads}")
-        if self.workers is not None and self.workers < 1:
-            raise ServeError(f"workers must be >= 1, got {self.workers}")
+        if self.run_threads is not None and self.run_threads < 1:
+            raise ServeError(f"run threads must be >= 1, got {self.run_threads}")
         if self.max_message_bytes < 1024:
             raise ServeError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 
@@ -202,11 +203,20 @@ def _allocator_returns_memory() -> None:
 
 
 class InferenceServer:
-    """A ``grpc.aio`` server over one repository folder; create and use it inside an event loop."""
+    """A ``grpc.aio`` server over one repository folder; create and use it inside an event loop.
 
-    def __init__(self, repository: str | os.PathLike[str], options: ServerOptions | None = None):
+    ``worker``: set when this server is one worker process of ``ctredge serve
+    --workers N`` (a :class:`ctredge.serve.worker.WorkerLink`): it then shares
+    its port with the other workers (SO_REUSEPORT), loads before it listens,
+    leaves ``/metrics`` to the supervisor and answers model control, statistics
+    and readiness for all workers together.
+    """
+
+    def __init__(self, repository: str | os.PathLike[str], options: ServerOptions | None = None, *,
+                 worker: Any = None):
         self.options = options or ServerOptions()
-        workers = self.options.workers or os.cpu_count() or 1
+        self.worker = worker
+        workers = self.options.run_threads or os.cpu_count() or 1
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctredge-ort")
         # large requests are decoded and hashed here, apart from the ONNX Runtime threads, so that they queue
         # behind each other and never in front of other requests' runs
@@ -217,10 +227,11 @@ class InferenceServer:
                                 providers=self.options.providers)
         self.repository = Repository(repository, settings=settings, executor=self.executor, metrics=self.metrics,
                                      drain_seconds=max(self.options.grace_seconds, 1.0))
-        self.servicer = InferenceServicer(self.repository, self.metrics, on_change=self._update_health,
-                                          control_mode=self.options.model_control_mode,
-                                          max_in_flight=self.options.max_concurrent_rpcs,
-                                          max_inflight_bytes=self.options.max_inflight_bytes, executor=self.decoder)
+        servicer_class = InferenceServicer if worker is None else worker.make_servicer
+        self.servicer = servicer_class(self.repository, self.metrics, on_change=self._update_health,
+                                       control_mode=self.options.model_control_mode,
+                                       max_in_flight=self.options.max_concurrent_rpcs,
+                                       max_inflight_bytes=self.options.max_inflight_bytes, executor=self.decoder)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -253,7 +264,7 @@ class InferenceServer:
         self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", o.max_message_bytes),
             ("grpc.max_send_message_length", o.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 0 if self.worker is None else 1),
             ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ])
@@ -275,11 +286,15 @@ class InferenceServer:
         if not port:
             raise ServeError(f"cannot listen on {address} (address in use?)")
         self.port = port
+        if self.worker is not None:
+            # a worker loads before it listens: the kernel hands new connections to every listening worker
+            await self._load()
         await self._server.start()
         if o.http_port is not None:
             from ctredge.serve.rest import RestServer
 
-            self._http = RestServer(self.servicer, self.repository, o, executor=self.decoder, on_refused=self._refused)
+            self._http = RestServer(self.servicer, self.repository, o, executor=self.decoder, on_refused=self._refused,
+                                    reuse_port=self.worker is not None)
             try:
                 self.http_port = await self._http.start()
             except BaseException:
@@ -291,15 +306,9 @@ class InferenceServer:
         log.info("listening on %s:%d (%s; live; loading models from %s; model control %s)", o.host, port,
                  "TLS" + (" with client certificates" if o.tls_client_ca else "") if credentials else "plaintext",
                  self.repository.root, o.model_control_mode)
-        try:
-            await self.repository.load()
-        except BaseException:
-            await self._stop_http()
-            await self._server.stop(None)
-            self.executor.shutdown(wait=False)
-            self.decoder.shutdown(wait=False)
-            raise
-        if self.metrics is not None:
+        if self.worker is None:
+            await self._load()
+        if self.metrics is not None and self.worker is None:
             try:
                 self.metrics_port = self.metrics.serve(o.metrics_port, o.metrics_host or o.host)
             except BaseException:
@@ -325,6 +334,18 @@ class InferenceServer:
             await self._http.stop(grace)
             self._http = None
 
+    async def _load(self) -> None:
+        try:
+            await self.repository.load()
+            if self.worker is not None:
+                await self.worker.loaded(self)  # model control that happened while this worker was away
+        except BaseException:
+            await self._stop_http()
+            await self._server.stop(None)
+            self.executor.shutdown(wait=False)
+            self.decoder.shutdown(wait=False)
+            raise
+
     def _refused(self, method: str, code: Any) -> None:
         if self.metrics is not None:
             short = method.rsplit("/", 1)[-1]
@@ -334,9 +355,12 @@ class InferenceServer:
         from grpc_health.v1 import health_pb2
 
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        everyone = True
+        if self.worker is not None:  # SERVING only while every worker is ready
+            everyone = self.worker.report_ready(self)
         await self._health.set("", serving if self.servicer.ready else not_serving)
         for name in self.repository.names():
-            await self._health.set(name, serving if self.repository.is_ready(name) else not_serving)
+            await self._health.set(name, serving if everyone and self.repository.is_ready(name) else not_serving)
 
     async def _poll(self, seconds: float) -> None:
         while True:

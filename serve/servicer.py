@@ -280,8 +280,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                   f"(start it with --model-control-mode explicit to load and unload models)")
         if not request.model_name:
             raise InvalidInput(f"{call} needs a model_name")
-        if request.parameters:
-            keys = [codec.shown(k) for k in list(request.parameters)[:8]]
+        # tritonclient's unload_model always sends unload_dependents; ctredge models have no dependents
+        keys = [k for k in list(request.parameters)[:9] if not (call == "RepositoryModelUnload"
+                                                                and k == "unload_dependents")]
+        if keys:
+            keys = [codec.shown(k) for k in keys[:8]]
             raise InvalidInput(f"{call} parameters {keys} are not supported: models load only from their "
                                f"repository folder (no 'config' or 'file:' overrides)")
 

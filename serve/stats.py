@@ -25,11 +25,23 @@ metric                                     type       labels
 ``ctredge_model_state``                    gauge      model, version, state (1 for the current state)
 ``ctredge_model_info``                     gauge      model, version, provider (1 while loaded)
 =========================================  =========  ============================================
+
+Worker processes (``ctredge serve --workers N``, :mod:`.workers`): each worker
+counts its own requests; ModelStatistics at any worker answers the sum of the
+live workers' :meth:`ModelStats.snapshot` (:meth:`ModelStats.merged`).  The
+Prometheus metrics use prometheus_client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor, which serves ``/metrics``):
+counters and histograms sum every worker's, those of workers that died
+included; ``ctredge_queue_depth`` sums the live workers' (sampled every
+:data:`QUEUE_SAMPLE_SECONDS`, as a scrape cannot call into another process);
+``ctredge_model_state`` and ``ctredge_model_info`` are the largest value among
+live workers (while a reload is under way, two states may read 1).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +52,8 @@ log = logging.getLogger("ctredge.serve")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 STATES = ("READY", "UNAVAILABLE", "LOADING", "UNLOADING")
+QUEUE_SAMPLE_SECONDS = 1.0
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 @dataclass
@@ -94,6 +108,33 @@ class ModelStats:
             b[1].add(infer_ns)
             b[2].add(output_ns)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain values (picklable): what a worker sends for :meth:`merged`."""
+        with self._lock:
+            out: dict[str, Any] = {"inference_count": self.inference_count, "execution_count": self.execution_count,
+                                   "last_inference_ms": self.last_inference_ms}
+            for k in _DURATIONS:
+                d = getattr(self, k)
+                out[k] = (d.count, d.ns)
+            out["batches"] = {rows: [(d.count, d.ns) for d in b] for rows, b in self.batches.items()}
+            return out
+
+    @classmethod
+    def merged(cls, name: str, version: int, snapshots: list[dict[str, Any]]) -> "ModelStats":
+        """The sum of several workers' :meth:`snapshot` of one version (the latest ``last_inference``)."""
+        total = cls(name, version)
+        for snap in snapshots:
+            total.inference_count += snap["inference_count"]
+            total.execution_count += snap["execution_count"]
+            total.last_inference_ms = max(total.last_inference_ms, snap["last_inference_ms"])
+            for k in _DURATIONS:
+                getattr(total, k).add(snap[k][1], snap[k][0])
+            for rows, b in snap["batches"].items():
+                mine = total.batches.setdefault(rows, [_Duration(), _Duration(), _Duration()])
+                for d, (count, ns) in zip(mine, b):
+                    d.add(ns, count)
+        return total
+
     def to_proto(self) -> Any:
         from tritonclient.grpc import service_pb2 as pb
 
@@ -137,15 +178,19 @@ class Metrics:
                                   registry=r)
         self.batch_rows = Histogram("ctredge_batch_rows", "Rows per ONNX Runtime run", ["model"],
                                     buckets=ROW_BUCKETS, registry=r)
+        # multiprocess_mode only matters in worker processes (PROMETHEUS_MULTIPROC_DIR set): see the module doc
         self.queue_depth = Gauge("ctredge_queue_depth", "Requests waiting in the batching queue",
-                                 ["model", "version"], registry=r)
+                                 ["model", "version"], registry=r, multiprocess_mode="livesum")
         self.model_state = Gauge("ctredge_model_state", "1 for the model version's current state",
-                                 ["model", "version", "state"], registry=r)
+                                 ["model", "version", "state"], registry=r, multiprocess_mode="livemax")
         self.model_info = Gauge("ctredge_model_info", "1 while the version is loaded, with its execution provider",
-                                ["model", "version", "provider"], registry=r)
+                                ["model", "version", "provider"], registry=r, multiprocess_mode="livemax")
         self.refusals = Counter("ctredge_refused_calls", "Calls refused before their handler ran (tokens)",
                                 ["method", "code"], registry=r)
         self._http: Any = None
+        # in multiprocess mode a gauge's function is never called (the scrape reads files): sample() sets them
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._depths: dict[tuple[str, str], Callable[[], int]] = {}
 
     def request(self, model: str, version: str, code: str, total_s: float, queue_s: float = 0.0,
                 compute_s: float = 0.0, ok: bool = True) -> None:
@@ -172,8 +217,19 @@ class Metrics:
             self.model_info.labels(model, version, provider).set(1.0 if state == "READY" else 0.0)
 
     def track_queue(self, model: str, version: str, depth: Callable[[], int]) -> None:
-        """Report ``depth()`` as the queue depth at each scrape."""
-        self.queue_depth.labels(model, version).set_function(depth)
+        """Report ``depth()`` as the queue depth at each scrape (multiprocess mode: at each :meth:`sample`)."""
+        if self.multiprocess:
+            self._depths[(model, version)] = depth
+        else:
+            self.queue_depth.labels(model, version).set_function(depth)
+
+    def sample(self) -> None:
+        """Multiprocess mode: write the tracked queue depths (a worker calls this every few moments)."""
+        for (model, version), depth in list(self._depths.items()):
+            try:
+                self.queue_depth.labels(model, version).set(depth())
+            except Exception:  # a version being released: its scheduler is gone
+                self._depths.pop((model, version), None)
 
     def text(self) -> str:
         """The exposition text (what a scrape returns)."""

@@ -137,3 +137,18 @@ def test_unload_and_load_again(model_repo):
         with pytest.raises(grpc.RpcError) as info:
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_tritonclient_grpc_unload_and_load_work_unchanged(model_repo):
+    """tritonclient.grpc's unload_model always sends the unload_dependents parameter: it must be accepted."""
+    import tritonclient.grpc as tg
+
+    root, _ = model_repo
+    with ServerThread(root, port=0, model_control_mode="explicit") as s:
+        client = tg.InferenceServerClient(s.url)
+        client.unload_model("ctr")
+        assert not client.is_model_ready("ctr")
+        client.load_model("ctr")
+        assert client.is_model_ready("ctr")
+        with pytest.raises(tg.InferenceServerException, match="not supported"):
+            client.load_model("ctr", config='{"x": 1}')
