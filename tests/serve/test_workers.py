@@ -370,3 +370,22 @@ def test_merged_statistics_are_the_sum_of_the_workers_snapshots():
     assert (s.queue.ns, s.compute_input.ns, s.compute_infer.ns, s.compute_output.ns) == (11, 22, 33, 44)
     assert {x.batch_size: (x.compute_infer.count, x.compute_infer.ns) for x in m.batch_stats} == {1: (2, 33), 4: (1, 1)}
     assert m.last_inference == max(a.last_inference_ms, b.last_inference_ms)
+
+
+def test_rest_is_served_by_every_worker_on_one_port(one_model, tmp_path):
+    import http.client
+
+    s = Served(one_model, tmp_path, "--workers", "2", "--http-port", "0")
+    try:
+        s.wait_log(r"2 workers serving")
+        ports = {int(p) for p in re.findall(r"KServe v2 REST on http://\S+:(\d+)/v2", s.stderr())}
+        assert len(ports) == 1, s.stderr()[-3000:]   # both workers listen on the one REST port
+        port = ports.pop()
+        for _ in range(40):                            # each connection lands on one worker
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/v2/models/ctr/ready")
+            assert conn.getresponse().status == 200
+            conn.close()
+        assert len(re.findall(r"KServe v2 REST on", s.stderr())) == 2
+    finally:
+        s.close()
