@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 def _start_server(repository: Path, http_port: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(repository),
-                             "--port", "0", "--http-port", str(http_port)], stdout=subprocess.PIPE, text=True,
+                             "--port", "0", "--http-port", str(http_port), "--workers", "1"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()  # "serving REPO on HOST:PORT" once ready
     if " on " not in line:

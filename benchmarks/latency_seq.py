@@ -53,7 +53,7 @@ def _make_repository(root: Path) -> tuple[Path, Path]:
 
 def _start_server(repository: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "ctredge.cli", "serve", "--repository", str(repository),
-                             "--port", "0"], stdout=subprocess.PIPE, text=True,
+                             "--port", "0", "--workers", "1"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()  # "serving REPO on HOST:PORT" once ready
     if " on " not in line:

@@ -617,7 +617,7 @@ def ctredge_latency(model: Path, feeds: Mapping[str, np.ndarray], *, requests: i
     """
     repo, name = model.parents[2], model.parents[1].name
     cmd = [sys.executable, "-c", "import sys; from ctredge.cli import main; sys.exit(main(sys.argv[1:]))",
-           "serve", "--repository", str(repo), "--port", "0"]
+           "serve", "--repository", str(repo), "--port", "0", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None

@@ -162,8 +162,10 @@ class ServerProcess:
 
     @property
     def command(self) -> list[str]:
+        # one worker process unless asked: the figures (and the RSS read) are of one server process
+        workers = [] if "--workers" in self.extra_args else ["--workers", "1"]
         cmd = [self.python, "-m", "ctredge.cli", "serve", "--repository", self.repository, "--port", "0",
-               *self.extra_args]
+               *workers, *self.extra_args]
         if self.cpus and shutil.which("taskset"):
             cmd = [shutil.which("taskset") or "taskset", "-c", _cpu_list(self.cpus), *cmd]
         return cmd

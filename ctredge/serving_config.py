@@ -17,7 +17,7 @@ Written by ``compress all`` and the benchmarks, read by the server
                                        (no thread hop); larger ones on worker threads; 0 = never inline
       "row_alignment": 4,              each request is padded to a multiple of this many rows so its
                                        answer never depends on batch-mates (1 = no padding)
-      "instances": 0,                  runs of this model at once (0 = the server's --workers)
+      "instances": 0,                  runs of this model at once (0 = the server's --run-threads)
       "dynamic_batching": {            (serve/batcher.py)
         "enabled": true,               false: every request is its own run
         "max_batch_rows": 4096,        rows merged into one run
