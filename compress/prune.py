@@ -529,7 +529,8 @@ def prune_trained(trained: Any, plan: DataPlan, held: HeldOut, out_dir: str | os
         if auc > best["valid_auc"]:
             best = {**cand, "weights": new_model.get_weights()}
     new_model.set_weights(best["weights"])
-    epochs_run = sum(c.get("epochs", 0) for c in candidates)
+    epochs_run = best["epochs"]  # of the candidate kept (0: epoch 0); every candidate's: epochs_total
+    epochs_total = sum(c.get("epochs", 0) for c in candidates)
     best_epoch = best["best_epoch"]
     aucs = next((c["history"] for c in candidates if c["name"] == best["name"] and "history" in c), [])
     _say(cfg.verbose, f"kept {best['name']}: valid AUC {best['valid_auc']:.5f} (parent {before['valid_auc']:.5f})")
@@ -543,7 +544,7 @@ def prune_trained(trained: Any, plan: DataPlan, held: HeldOut, out_dir: str | os
 
     metrics = {**after, "before": before, "valid_auc_after_structured": after_shrink,
                "delta_test_auc": after["test_auc"] - before["test_auc"],
-               "epochs": epochs_run, "best_epoch": best_epoch, "seconds": seconds,
+               "epochs": epochs_run, "epochs_total": epochs_total, "best_epoch": best_epoch, "seconds": seconds,
                "history": {"val_auc": aucs},
                "distillation": {"alphas": list(cfg.distill_alphas), "alphas_run": list(alphas if cfg.epochs else ()),
                                 "chosen_alpha": best["alpha"], "kept": best["name"],
