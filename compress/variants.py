@@ -45,6 +45,11 @@ refused.  ``reference.bayes`` holds the Bayes figures of exactly those rows
 from the truth sidecar when there is one (the ``test`` scope for the test
 split, ``all`` for an eval file).
 
+Integer lookup tables that fit 16 bits (a pruned model's vocabulary remap:
+int32 over every bucket, more bytes than its int4 embedding) are stored as
+uint16 with a Cast back after their Gather (:func:`narrow_index_tables`;
+exact, recorded as ``index_tables``).
+
 Pruned variants carry ``prune``: the distillation alpha chosen on valid, the
 candidate kept (``epoch 0`` = no fine-tuning) and the parent bar (the pruned
 model's valid AUC against the full model's); ``flags`` says when it stayed
@@ -368,10 +373,13 @@ def compress_trained(trained: Any, plan: Any, held: Any, repo: str | os.PathLike
         t0 = time.perf_counter()
         src_path = sources[source] / "model.onnx"
         proto = _load_onnx(src_path) if kind is None else quantize(src_path, kind, calibration)
+        narrowed = narrow_index_tables(proto)
         set_metadata(proto, {"ctredge.model_name": name, "ctredge.model_version": str(cfg.version),
                              "ctredge.quantization": kind or "none"})
         p = ort_predict(proto, test.feeds)
         entry = _score(name, source, kind, p, p_ref, test.labels, cfg)
+        if narrowed:
+            entry["index_tables"] = narrowed
         if source == "pruned" and pruned_manifest is not None:
             entry["prune"] = _prune_record(pruned_manifest)
             if entry["prune"]["parent_bar"] and not entry["prune"]["parent_bar"]["kept"]:
@@ -515,3 +523,53 @@ def _write_serving_config(model_dir: Path, name: str) -> None:
 
     write_serving_config(model_dir, ServingConfig(dynamic_batching=DynamicBatching(enabled=name not in NO_BATCHING),
                                                   notes=NO_BATCHING.get(name, "")))
+
+
+#: an integer lookup table (a pruned model's vocabulary remap) at least this long is narrowed
+NARROW_MIN_ELEMENTS = 1024
+
+
+def narrow_index_tables(proto: Any) -> list[dict[str, Any]]:
+    """Store integer lookup tables that fit 16 bits as uint16, with a Cast after each Gather (in place).
+
+    A pruned model's vocabulary ``remap`` (``SharedEmbedding(kept_rows=...)``)
+    is an int32 table over every global bucket (205,700 entries, 0.8 MB on the
+    demo dcnv2, more than its int4 embedding) whose values are the kept rows'
+    indices.  Every int32/int64 initializer of at least
+    :data:`NARROW_MIN_ELEMENTS` entries that is only ever the *data* of Gather
+    nodes and whose values lie in [0, 65535] is stored as uint16; each of those
+    Gathers then feeds a ``Cast`` back to the original type, so every
+    downstream value is exactly what it was.  Returns one record per table.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    uses: dict[str, list[tuple[Any, int]]] = {}
+    for node in proto.graph.node:
+        for k, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, k))
+    graph_outputs = {o.name for o in proto.graph.output}
+    done = []
+    for init in list(proto.graph.initializer):
+        if init.data_type not in (TensorProto.INT32, TensorProto.INT64) or init.name in graph_outputs:
+            continue
+        users = uses.get(init.name, [])
+        if not users or any(n.op_type != "Gather" or k != 0 for n, k in users):
+            continue
+        values = numpy_helper.to_array(init)
+        if values.size < NARROW_MIN_ELEMENTS or values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
+            continue
+        before = len(init.SerializeToString())
+        init.CopyFrom(numpy_helper.from_array(values.astype(np.uint16), init.name))
+        for node, _ in users:
+            out = node.output[0]
+            narrow = f"{out}__uint16"
+            node.output[0] = narrow
+            back = TensorProto.INT64 if values.dtype == np.int64 else TensorProto.INT32
+            cast = helper.make_node("Cast", [narrow], [out], name=f"{node.name}__cast_back", to=back)
+            proto.graph.node.insert(list(proto.graph.node).index(node) + 1, cast)
+        done.append({"name": init.name, "elements": int(values.size), "from": str(values.dtype), "to": "uint16",
+                     "bytes_before": before, "bytes_after": len(init.SerializeToString())})
+    if done:
+        onnx.checker.check_model(proto)
+    return done
