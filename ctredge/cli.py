@@ -157,6 +157,8 @@ def cmd_compress_all(args: argparse.Namespace) -> int:
         kwargs["distill_alphas"] = _floats(args.distill_alphas)
     if args.bootstrap is not None:
         kwargs["bootstrap"] = args.bootstrap
+    if args.int8_exclude is not None:
+        kwargs["int8_exclude_nodes"] = tuple(x for x in args.int8_exclude.split(",") if x)
     if args.int8_tolerance is not None:
         kwargs["int8_tolerance"] = args.int8_tolerance
     if args.variants:
@@ -331,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--distill-alphas", help="comma-separated hard-label weights tried for the pruning "
                                              "fine-tune's distillation (default 0,0.25)")
     ca.add_argument("--bootstrap", type=int, help="paired bootstrap resamples (default 200)")
+    ca.add_argument("--int8-exclude", help="comma-separated node-name fragments every static int8 variant keeps in "
+                                           "float (default: ctr-int8 keeps cross_ and deep_dense_0, ctr-edge none; "
+                                           "'' = none)")
     ca.add_argument("--force", action="store_true", help="redo the export and pruning even if reusable")
     ca.set_defaults(func=cmd_compress_all)
 
