@@ -29,9 +29,14 @@ calibration (mean predicted / observed click rate, and both rates); normalized
 entropy; AUC as % of the reference's with MLPerf's 99% and 99.9% lines
 (``pct_of_full_auc >= 99`` / ``>= 99.9``); bytes on disk (every file of the
 version folder except ``manifest.json``; ``model.keras`` for the Keras model)
-and that size as a multiple of ``ctr-fp32``'s.  When the data has a truth
-sidecar (``ctredge datagen``), its Bayes-optimal AUC — the AUC of the true
-click probabilities over the whole file — is the ceiling.
+and that size as a multiple of ``ctr-fp32``'s; the budget verdict ``compress
+all`` recorded (``verdict``: met / not resolved / missed, and ``published``).
+When the data has a truth sidecar (``ctredge datagen``), its Bayes-optimal AUC
+is the ceiling, taken on the rows scored: the sidecar's ``test`` scope when
+they are the default test part of the split that scope names, ``all`` when
+every row is scored (e.g. a held-out ``--sample-seed`` file), else the whole
+file's figure, labelled as such (``truth.scope``); the learnable ceiling
+(``datagen --ceiling``) comes with the ``test`` scope.
 
 ONNX models are scored by ONNX Runtime on the CPU (1 thread, batches of 4096
 rows, as ``ctredge compress all`` scored them); the Keras model by
@@ -141,11 +146,17 @@ def evaluation_rows(manifest: dict[str, Any] | None, data_path: str | os.PathLik
     return batch, info
 
 
-def truth_of(data_path: str | os.PathLike[str], data_sha256: str | None = None) -> dict[str, Any] | None:
-    """The Bayes-optimal AUC/logloss from the data's truth sidecar (synthetic data), or None.
+def truth_of(data_path: str | os.PathLike[str], data_sha256: str | None = None, *, rows_source: str | None = None,
+             split: dict[str, Any] | None = None, rows: int | None = None) -> dict[str, Any] | None:
+    """The Bayes-optimal AUC/logloss from the data's truth sidecar (synthetic data) for the rows scored, or None.
 
-    The sidecar's figures cover the whole file (every row), not only the test rows.
-    A sidecar whose ``data_sha256`` differs from the data's is ignored.
+    Takes the data file, its sha256, and where the scored rows come from
+    (``rows_source``, the split info of :func:`evaluation_rows` and the row
+    count).  The figures are the sidecar's ``test`` scope when the rows are the
+    test part of the split it names (with the learnable ``ceiling`` when
+    recorded), ``all`` when every row of the file is scored, else the whole
+    file's (``scope`` says which).  A sidecar whose ``data_sha256`` differs from
+    the data's is ignored.
     """
     path = sidecar_path(data_path, "truth")
     if not os.path.isfile(path):
@@ -160,8 +171,24 @@ def truth_of(data_path: str | os.PathLike[str], data_sha256: str | None = None) 
         return None
     if truth.get("bayes_auc") is None:
         return None
+    scopes = truth.get("scopes") or {}
+    test = scopes.get("test") or {}
+    tsplit = test.get("split") or {}
+    if (rows_source == "test split" and split and test and (tsplit.get("seed"), tsplit.get("valid"), tsplit.get("test"))
+            == (split.get("seed"), split.get("valid"), split.get("test")) and split.get("file_no", 0) == 0
+            and (rows is None or rows == test.get("rows"))):
+        out = {"bayes_auc": float(test["bayes_auc"]), "bayes_logloss": test.get("bayes_logloss"), "path": path,
+               "scope": "the test rows scored", "rows": test.get("rows")}
+        if truth.get("ceiling"):
+            out["ceiling"] = truth["ceiling"]
+        return out
+    if rows_source in ("all rows", "other file", "test file") and scopes.get("all") and (
+            rows is None or rows == scopes["all"].get("rows")):
+        a = scopes["all"]
+        return {"bayes_auc": float(a["bayes_auc"]), "bayes_logloss": a.get("bayes_logloss"), "path": path,
+                "scope": "every row of the file, the rows scored", "rows": a.get("rows")}
     return {"bayes_auc": float(truth["bayes_auc"]), "bayes_logloss": truth.get("bayes_logloss"),
-            "path": path, "scope": "whole file"}
+            "path": path, "scope": "whole file (not only the rows scored)"}
 
 
 def _load_keras(trained_dir: str | os.PathLike[str] | None) -> tuple[Any, str | None]:
@@ -268,13 +295,15 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
     for row in rows:
         e = index_by.get(row["name"]) or {}
         row["within_budget"] = e.get("within_budget")
+        row["verdict"] = e.get("verdict")
+        row["published"] = e.get("published")
         row.setdefault("index_dauc", e.get("dauc"))
         row["x_fp32_bytes"] = (row["bytes"] / fp32_bytes) if (fp32_bytes and row.get("bytes")) else None
         if "auc" in row and row.get("kind") != "baseline":
             log.info("accuracy: %-17s AUC %.5f  dAUC %+.5f [%+.5f, %+.5f]  logloss %.5f  calib %.3f  %s bytes",
                      row["name"], row["auc"], row["dauc"], *row["dauc_ci"], row["logloss"], row["calibration"],
                      f"{row['bytes']:,}")
-    truth = truth_of(data_path, sha)
+    truth = truth_of(data_path, sha, rows_source=info["rows_source"], split=info.get("split"), rows=len(batch))
     return {
         "reference": reference, "reference_note": reference_note, **info,
         "click_rate": float(labels.mean()), **settings,
@@ -319,11 +348,17 @@ def _rows_from_index(index: dict[str, Any] | None, trained_dir: Any, manifest: d
     with the same bootstrap settings; and each model's ``model.onnx`` is the one
     it scored (sha256) and reads the trained model's FeatureSpec.
     """
-    if index is None or manifest is None or max_rows is not None or info["rows_source"] != "test split":
+    if index is None or manifest is None or max_rows is not None:
         return None
     ref = index.get("reference") or {}
+    eval_file = ref.get("rows_source") == "eval file"
+    if eval_file:  # compress all --eval-data: every row of that file, identified by its sha256
+        if info["rows_source"] != "all rows" or (ref.get("eval_data") or {}).get("sha256") != info["data_sha256"]:
+            return None
+    elif info["rows_source"] != "test split":
+        return None
     one_test_file = len(DataPlan.from_manifest(manifest.get("data")).parts["test"].paths) == 1
-    if (ref.get("trained_manifest_sha256") != manifest_hash(trained_dir) or not one_test_file
+    if (ref.get("trained_manifest_sha256") != manifest_hash(trained_dir) or not (one_test_file or eval_file)
             or ref.get("test_rows") != n_rows or "keras_summary" not in ref
             or any(ref.get(k) != v for k, v in settings.items())):
         return None
@@ -422,7 +457,8 @@ def _add_unwritten(rows: list[dict[str, Any]], index_by: dict[str, dict[str, Any
         if name not in have:
             rows.append({"name": name, "kind": "onnx", "version": e.get("version"), "path": None,
                          "quantization": e.get("quantization"), "bytes": e.get("size_bytes"), "scored": False,
-                         "error": "not written by compress all (over budget); index figures only",
+                         "error": "not written by compress all: " + (e.get("not_written") or "over budget")
+                                  + "; index figures only",
                          "index_auc": e.get("test_auc"), "index_dauc": e.get("dauc")})
 
 

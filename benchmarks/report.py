@@ -391,14 +391,20 @@ def _accuracy_md(results: dict[str, Any]) -> str:
              f"{acc.get('bootstrap')} resamples (seed {acc.get('seed')}).",
              "MLPerf's lines for context: 99% and 99.9% of the reference's AUC."]
     if acc.get("bayes_auc") is not None:
+        scope = (acc.get("truth") or {}).get("scope") or "whole file"
         lines.append(f"Ceiling: Bayes-optimal AUC {acc['bayes_auc']:.5f} (true click probabilities of the "
-                     f"synthetic data, whole file).")
+                     f"synthetic data, {scope}).")
+        ceiling = (acc.get("truth") or {}).get("ceiling") or {}
+        if ceiling.get("status") == "measured":
+            lines.append(f"Learnable ceiling (logistic regression on the planted structure, datagen --ceiling) on "
+                         f"the same rows: AUC {ceiling['test_auc']:.5f}.")
     if acc.get("budget") is not None:
         lines.append(f"Budget of `compress all`: dAUC >= -{acc['budget']} (verdict column, from index.json).")
     lines.append(_baselines_line(acc))
     body = []
     for m in acc.get("models", []):
-        budget = NA if m.get("within_budget") is None else ("within" if m["within_budget"] else "OVER")
+        budget = m.get("verdict") or (NA if m.get("within_budget") is None else
+                                      ("within" if m["within_budget"] else "OVER"))
         if m.get("kind") == "baseline" and m.get("scored", True) and _num(m.get("auc")) is not None:
             ci = m.get("dauc_ci") or [None, None]
             dauc = NA if _num(m.get("dauc")) is None else \

@@ -42,9 +42,20 @@ def _progress_bar(label: str) -> Callable[[int, int], None]:
 def cmd_datagen(args: argparse.Namespace) -> int:
     from ctredge.datagen import generate
 
+    t0 = time.perf_counter()
     truth = generate(args.out, rows=args.rows, seed=args.seed, history=args.history,
-                     click_rate=args.click_rate, progress=_progress_bar("datagen"))
-    print(json.dumps({k: truth[k] for k in ("rows", "click_rate", "bayes_auc", "bayes_logloss") if k in truth}, indent=2))
+                     click_rate=args.click_rate, progress=_progress_bar("datagen"), sample_seed=args.sample_seed,
+                     split_seed=args.split_seed, ceiling=args.ceiling)
+    shown = {k: truth[k] for k in ("rows", "seed", "sample_seed", "click_rate", "bayes_auc", "bayes_logloss")
+             if k in truth}
+    if "test" in truth.get("scopes", {}):
+        t = truth["scopes"]["test"]
+        shown["test_part"] = {k: t[k] for k in ("rows", "bayes_auc", "bayes_logloss", "split")}
+    if "ceiling" in truth:
+        c = truth["ceiling"]
+        shown["ceiling"] = {k: c[k] for k in ("status", "reason", "test_auc", "test_logloss", "C", "seconds") if k in c}
+    shown["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -107,11 +118,22 @@ def cmd_compress_prune(args: argparse.Namespace) -> int:
     from ctredge.compress.prune import PruneConfig, prune
 
     cfg = PruneConfig(sparsity=args.sparsity, structured=args.structured, vocab_min_count=args.vocab_min_count,
-                      epochs=args.epochs, verbose=1 if sys.stdout.isatty() else 2)
+                      epochs=args.epochs, learning_rate=args.learning_rate,
+                      distill_alphas=_floats(args.distill_alphas) if args.distill_alphas else PruneConfig.distill_alphas,
+                      verbose=1 if sys.stdout.isatty() else 2)
     m = prune(args.dir, args.out, cfg)["metrics"]
     print(json.dumps({k: v for k, v in m.items() if not isinstance(v, (dict, list))}, indent=2, default=str))
     print(f"artifact: {args.out}")
     return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    from ctredge.errors import ConfigError
+
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
 def cmd_compress_quantize(args: argparse.Namespace) -> int:
@@ -129,7 +151,14 @@ def cmd_compress_all(args: argparse.Namespace) -> int:
     from ctredge.compress.variants import CompressConfig, compress_all
 
     kwargs: dict[str, Any] = {"budget": args.budget, "allow_over_budget": args.allow_over_budget,
-                              "version": args.version, "vocab_min_count": args.vocab_min_count}
+                              "version": args.version, "vocab_min_count": args.vocab_min_count,
+                              "eval_data": args.eval_data, "prune_epochs": args.prune_epochs}
+    if args.distill_alphas:
+        kwargs["distill_alphas"] = _floats(args.distill_alphas)
+    if args.bootstrap is not None:
+        kwargs["bootstrap"] = args.bootstrap
+    if args.int8_exclude is not None:
+        kwargs["int8_exclude_nodes"] = tuple(x for x in args.int8_exclude.split(",") if x)
     if args.int8_tolerance is not None:
         kwargs["int8_tolerance"] = args.int8_tolerance
     if args.variants:
@@ -147,7 +176,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     run_pipeline(PipelineConfig(out=args.out, rows=args.rows, seed=args.seed, models=tuple(args.models.split(",")),
                                 epochs=args.epochs, force=args.force, skip_compress=args.skip_compress,
-                                skip_bench=args.skip_bench, full=args.full, bench_seconds=args.bench_seconds),
+                                skip_bench=args.skip_bench, full=args.full, bench_seconds=args.bench_seconds,
+                                ceiling=not args.no_ceiling, eval_data=args.eval_data),
                  progress=_progress_bar("datagen"))
     return 0
 
@@ -220,7 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("datagen", help="write synthetic e-commerce click logs (+ .spec.json, .truth.json)")
     d.add_argument("--rows", type=int, required=True)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="the world (users, items, effects) and, by default, the sample")
+    d.add_argument("--sample-seed", type=int, default=None,
+                   help="draw the rows with this seed from the world of --seed (default: --seed); another sample "
+                        "seed gives a held-out file of the same world, e.g. for compress all --eval-data")
+    d.add_argument("--split-seed", type=int, default=0,
+                   help="the train split seed whose default test part the truth file's test-part figures describe "
+                        "(ctredge train --seed; default 0)")
+    d.add_argument("--ceiling", action="store_true",
+                   help="also fit the learnable ceiling (logistic regression on the planted structure, scikit-learn) "
+                        "on the default train part and score it on the test part")
     d.add_argument("--out", required=True, help="FILE.tsv")
     d.add_argument("--history", action="store_true", help="add the behaviour-history column")
     d.add_argument("--click-rate", type=float, default=0.03)
@@ -272,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--structured", type=float, default=0.5)
     cp.add_argument("--vocab-min-count", type=int, default=0)
     cp.add_argument("--epochs", type=int, default=3)
+    cp.add_argument("--learning-rate", type=float, default=1e-3, help="fine-tuning learning rate")
+    cp.add_argument("--distill-alphas", help="comma-separated hard-label weights alpha of the fine-tuning labels "
+                                             "alpha*y + (1-alpha)*p_parent; each is a fine-tune, the best on valid "
+                                             "is kept (default 0,0.5; 1 = no distillation)")
     cp.set_defaults(func=cmd_compress_prune)
     cq = c.add_parser("quantize", help="quantize an ONNX model (no TensorFlow)")
     cq.add_argument("onnx")
@@ -284,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="quantize an ONNX file that has no ctredge manifest.json beside it (not checked)")
     cq.add_argument("--out", required=True)
     cq.set_defaults(func=cmd_compress_quantize)
-    ca = c.add_parser("all", help="every variant into a model repository, judged by the dAUC budget")
+    ca = c.add_parser("all", help="every variant into a model repository, judged by the dAUC budget "
+                                  "(published when met, or not resolved within budget on the point estimate)")
     ca.add_argument("dir")
     ca.add_argument("--out", required=True, help="model repository folder")
     ca.add_argument("--variants", help="comma-separated subset (default: all six)")
@@ -295,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "variant is refused, even with --allow-over-budget")
     ca.add_argument("--version", type=int, default=1)
     ca.add_argument("--vocab-min-count", type=int, default=2)
+    ca.add_argument("--eval-data", help="evaluate the variants on every row of this held-out file of the same world "
+                                        "(ctredge datagen --sample-seed) instead of the test rows; e.g. 1M rows "
+                                        "resolve a 0.0005 budget")
+    ca.add_argument("--prune-epochs", type=int, default=2, help="fine-tuning epochs of the pruned model")
+    ca.add_argument("--distill-alphas", help="comma-separated hard-label weights tried for the pruning "
+                                             "fine-tune's distillation (default 0,0.25)")
+    ca.add_argument("--bootstrap", type=int, help="paired bootstrap resamples (default 200)")
+    ca.add_argument("--int8-exclude", help="comma-separated node-name fragments every static int8 variant keeps in "
+                                           "float (default: ctr-int8 keeps cross_ and deep_dense_0, ctr-edge none; "
+                                           "'' = none)")
     ca.add_argument("--force", action="store_true", help="redo the export and pruning even if reusable")
     ca.set_defaults(func=cmd_compress_all)
 
@@ -310,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--full", action="store_true",
                     help="benchmark every variant, batching on and off, and the PyTriton peer")
     pl.add_argument("--bench-seconds", type=float, help="seconds per gRPC cell (default 2, --full 5)")
+    pl.add_argument("--no-ceiling", action="store_true",
+                    help="skip datagen's learnable ceiling (a logistic regression, about a minute on 200k rows)")
+    pl.add_argument("--eval-data", help="judge the variants on this held-out file of the same world "
+                                        "(ctredge datagen --seed S --sample-seed T), e.g. 1M rows")
     pl.set_defaults(func=cmd_pipeline)
 
     sv = sub.add_parser("serve", help="serve a model repository over gRPC (Open Inference Protocol v2, ONNX Runtime)")

@@ -6,7 +6,23 @@
   the layout :mod:`ctredge.reader` reads (empty field = missing);
 * ``FILE.spec.json``: the matching :class:`~ctredge.features.FeatureSpec`;
 * ``FILE.truth.json``: row count, observed click rate, and the Bayes ceiling
-  (AUC and logloss of the *true* click probabilities on exactly those rows).
+  (AUC and logloss of the *true* click probabilities) on every row (``bayes_auc``)
+  and, under ``scopes``, on all rows and on the default **test part** (the rows
+  :class:`ctredge.dataplan.DataPlan` holds out for testing when ``ctredge
+  train`` splits this one file with ``split_seed`` and 0.1/0.1: exactly the
+  rows the models are scored on); with ``ceiling=True`` (``--ceiling``) also a
+  *learnable* ceiling: a logistic regression on one-hot keys of the planted
+  effects (:data:`CEILING_KEYS`), fit on the default train part (its L2 chosen
+  on the valid part) and scored on the test part (scikit-learn; recorded as
+  skipped when it is not installed).
+
+Seeds: ``seed`` draws the world (users, items, effects, the bias) and, by
+default, the sample of impressions; ``sample_seed`` draws another sample of
+the same world (``sample_seed == seed`` is the default and writes the same
+bytes as before the option existed), e.g. a large held-out file for
+``ctredge compress all --eval-data``.  Two files of one world with the same
+sample seed share their first rows (a prefix), so a held-out file needs
+another sample seed.
 
 The world (drawn from the seed): users with Zipf-like activity, a segment, a
 region, a main device and 4 favourite categories (weights sum to 1) drawn from
@@ -380,7 +396,10 @@ def _solve_bias(w: _World, seed: int, click_rate: float) -> float:
 
 
 def _chunks(w: _World, seed: int, rows: int, bias: float, chunk_rows: int) -> Iterator[dict[str, Any]]:
-    """Simulated rows in chunks of whole blocks (the last one cut at ``rows``), with probs and labels."""
+    """Simulated rows in chunks of whole blocks (the last one cut at ``rows``), with probs and labels.
+
+    ``seed`` is the sample seed: block ``b`` draws from ``default_rng([seed, 1, b])``.
+    """
     per_chunk = -(-chunk_rows // BLOCK_ROWS)
     n_blocks = -(-rows // BLOCK_ROWS)
     for first in range(0, n_blocks, per_chunk):
@@ -440,8 +459,101 @@ def _format(fields: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     return text[keep].tobytes()
 
 
+# --------------------------------------------------------------------- the learnable ceiling
+#: the planted effects' keys the ceiling's logistic regression is given (one-hot each, plus
+#: price-ratio x segment as 8 numeric columns); affinity (user taste . item vector) enters as user x category
+CEILING_KEYS = ("item", "category", "brand", "shop", "user", "segment", "region", "device", "hour", "page",
+                "position", "sale", "segment_x_category", "device_x_category", "intent_match", "repeat",
+                "user_x_category")
+#: L2 strengths (scikit-learn's C) tried on the valid part (on the demo data valid AUC fell from C=0.1 to 1.0)
+CEILING_C = (0.01, 0.03, 0.1)
+#: the split ``ctredge train`` uses by default (TrainConfig: split_valid, split_test)
+DEFAULT_SPLIT = (0.1, 0.1)
+
+
+def _ceiling_keys(w: _World, ids: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(int64 keys [n, len(CEILING_KEYS)], price ratio [n])`` of one chunk: the true structure of each row."""
+    cat, seg, dev, item = ids["category"], ids["segment"], ids["device"], ids["item"]
+    discount = ids["discount"]
+    repeat = (ids["hist"] == item[:, None]).any(axis=1)
+    cols = [item, cat, ids["brand"] + 1, ids["shop"], ids["user"], seg, ids["region"] + 1, dev, ids["hour"],
+            ids["page"], ids["position"], (discount > 0).astype(np.int64), seg * N_CATEGORIES + cat,
+            dev * N_CATEGORIES + cat, (cat == ids["intent"]).astype(np.int64), repeat.astype(np.int64),
+            ids["user"].astype(np.int64) * N_CATEGORIES + cat]
+    paid = w.item_price[item] * (1 - discount / 100)
+    return np.column_stack(cols).astype(np.int64), (np.log(paid) - w.cat_log_price[cat])
+
+
+def _ceiling_matrix(keys: np.ndarray, ratio: np.ndarray, seg: np.ndarray) -> Any:
+    """Sparse design matrix: one column per distinct (key, value), then price ratio in its segment's column."""
+    from scipy import sparse
+
+    n, k = keys.shape
+    cols, at = [], 0
+    for j in range(k):
+        _, inv = np.unique(keys[:, j], return_inverse=True)
+        cols.append(inv.reshape(-1) + at)
+        at += int(inv.max()) + 1
+    cols.append(seg + at)
+    indices = np.column_stack(cols).reshape(-1)
+    data = np.column_stack([np.ones((n, k)), ratio[:, None]]).reshape(-1)
+    indptr = np.arange(0, n * (k + 1) + 1, k + 1)
+    return sparse.csr_matrix((data, indices, indptr), shape=(n, at + N_SEGMENTS))
+
+
+def learnable_ceiling(keys: np.ndarray, ratio: np.ndarray, seg: np.ndarray, labels: np.ndarray,
+                      codes: np.ndarray) -> dict[str, Any]:
+    """The logistic regression on the true structure: fit on ``codes == 0``, C on 1, scored on 2.
+
+    Returns ``{"status": "measured", "test_auc", "test_logloss", "valid_auc" by C, "C", "rows", ...}``
+    or ``{"status": "skipped", "reason"}`` without scikit-learn (or with an empty part).
+    """
+    import time
+
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"scikit-learn is not installed ({exc}); pip install ctredge[baselines]"}
+    parts = [codes == i for i in range(3)]
+    if any(not m.any() or labels[m].min() == labels[m].max() for m in parts):
+        return {"status": "skipped", "reason": "a train/valid/test part has no rows or one class only"}
+    t0 = time.perf_counter()
+    x = _ceiling_matrix(keys, ratio, seg)
+    xt, xv, xs = (x[m] for m in parts)
+    yt = labels[parts[0]]
+    valid_auc, fitted = {}, {}
+    for c in CEILING_C:
+        model = LogisticRegression(C=c, max_iter=300, tol=1e-5)
+        model.fit(xt, yt)
+        fitted[c] = model
+        valid_auc[str(c)] = metrics.auc(labels[parts[1]], model.predict_proba(xv)[:, 1])
+    best = max(CEILING_C, key=lambda c: valid_auc[str(c)])
+    p = fitted[best].predict_proba(xs)[:, 1]
+    ys = labels[parts[2]]
+    return {"status": "measured", "model": "logistic regression (scikit-learn lbfgs, L2) on one-hot keys of the "
+                                            "planted effects", "keys": list(CEILING_KEYS),
+            "numeric": "log(paid price / category median) x segment", "C": best, "valid_auc_by_C": valid_auc,
+            "test_auc": metrics.auc(ys, p), "test_logloss": metrics.logloss(ys, p),
+            "train_rows": int(parts[0].sum()), "valid_rows": int(parts[1].sum()), "test_rows": int(parts[2].sum()),
+            "columns": int(x.shape[1]), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def default_split_codes(rows: int, split_seed: int) -> np.ndarray:
+    """0/1/2 (train/valid/test) of a file's rows under ``ctredge train``'s default split of that one file."""
+    from ctredge.reader import SplitSpec
+
+    line_no = np.arange(1, rows + 1, dtype=np.int64)
+    return SplitSpec(seed=split_seed, valid=DEFAULT_SPLIT[0], test=DEFAULT_SPLIT[1]).codes(
+        np.zeros(rows, dtype=np.int64), line_no)
+
+
+def _scope(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    return {"rows": int(labels.size), "click_rate": float(labels.mean()), "bayes_auc": metrics.auc(labels, probs),
+            "bayes_logloss": metrics.logloss(labels, probs)}
+
+
 # --------------------------------------------------------------------- public API
-def _check_args(rows: Any, seed: Any, click_rate: Any, chunk_rows: Any) -> None:
+def _check_args(rows: Any, seed: Any, click_rate: Any, chunk_rows: Any, sample_seed: Any = None) -> None:
     def is_int(x: Any) -> bool:
         return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -449,6 +561,8 @@ def _check_args(rows: Any, seed: Any, click_rate: Any, chunk_rows: Any) -> None:
         raise ConfigError(f"datagen: rows must be an integer >= 1, got {rows!r}")
     if not is_int(seed) or seed < 0:
         raise ConfigError(f"datagen: seed must be an integer >= 0, got {seed!r}")
+    if sample_seed is not None and (not is_int(sample_seed) or sample_seed < 0):
+        raise ConfigError(f"datagen: sample_seed must be an integer >= 0, got {sample_seed!r}")
     if isinstance(click_rate, bool) or not isinstance(click_rate, (int, float)) or not 0 < click_rate <= 0.5:
         raise ConfigError(f"datagen: click_rate must be a number in (0, 0.5], got {click_rate!r}")
     if not is_int(chunk_rows) or chunk_rows < 1:
@@ -456,9 +570,19 @@ def _check_args(rows: Any, seed: Any, click_rate: Any, chunk_rows: Any) -> None:
 
 
 def _truth(rows: int, seed: int, history: bool, click_rate: float, bias: float,
-           labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+           labels: np.ndarray, probs: np.ndarray, sample_seed: int | None = None,
+           split_seed: int = 0) -> dict[str, Any]:
+    sample = seed if sample_seed is None else sample_seed
+    codes = default_split_codes(len(labels), split_seed)
+    test = codes == 2
+    scopes: dict[str, Any] = {"all": _scope(labels, probs)}
+    if test.any() and labels[test].min() != labels[test].max():
+        scopes["test"] = {**_scope(labels[test], probs[test]),
+                          "split": {"seed": int(split_seed), "valid": DEFAULT_SPLIT[0], "test": DEFAULT_SPLIT[1],
+                                    "part": "test"}}
     return {
-        "generator": GENERATOR, "rows": int(rows), "seed": int(seed), "history": bool(history),
+        "generator": GENERATOR, "rows": int(rows), "seed": int(seed), "sample_seed": int(sample),
+        "history": bool(history), "scopes": scopes,
         "click_rate_target": float(click_rate), "click_rate": float(labels.mean()),
         "mean_true_prob": float(probs.astype(np.float64).mean()),
         "bayes_auc": metrics.auc(labels, probs), "bayes_logloss": metrics.logloss(labels, probs),
@@ -469,7 +593,8 @@ def _truth(rows: int, seed: int, history: bool, click_rate: float, bias: float,
     }
 
 
-def generate_arrays(rows: int, seed: int = 0, history: bool = False, click_rate: float = 0.03) -> dict[str, Any]:
+def generate_arrays(rows: int, seed: int = 0, history: bool = False, click_rate: float = 0.03,
+                    sample_seed: int | None = None) -> dict[str, Any]:
     """The rows :func:`generate` writes, in memory (for tests and analysis; small ``rows``).
 
     Takes the same configuration as :func:`generate`.  Returns a dict with
@@ -483,10 +608,10 @@ def generate_arrays(rows: int, seed: int = 0, history: bool = False, click_rate:
     Raises:
         ConfigError: ``rows`` < 1, ``seed`` < 0 or ``click_rate`` outside (0, 0.5].
     """
-    _check_args(rows, seed, click_rate, BLOCK_ROWS)
+    _check_args(rows, seed, click_rate, BLOCK_ROWS, sample_seed)
     w = _World(seed, WorldParams())
     bias = _solve_bias(w, seed, click_rate)
-    c = next(_chunks(w, seed, rows, bias, rows))
+    c = next(_chunks(w, seed if sample_seed is None else sample_seed, rows, bias, rows))
     ids = c["ids"]
     dense = np.column_stack([
         w.item_price[ids["item"]], ids["discount"], w.item_rating[ids["item"]],
@@ -501,11 +626,12 @@ def generate_arrays(rows: int, seed: int = 0, history: bool = False, click_rate:
         hist = [list(item_raw[h[:k]]) for h, k in zip(ids["hist"], ids["hist_len"])]
     return {"labels": c["labels"], "probs": c["probs"], "dense": dense, "cat_raw": cat_raw, "history": hist,
             "ids": ids, "terms": c["terms"],
-            "truth": _truth(rows, seed, history, click_rate, bias, c["labels"], c["probs"])}
+            "truth": _truth(rows, seed, history, click_rate, bias, c["labels"], c["probs"], sample_seed)}
 
 
 def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, click_rate: float = 0.03,
-             chunk_rows: int = 100_000, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             chunk_rows: int = 100_000, progress: Callable[[int, int], None] | None = None, *,
+             sample_seed: int | None = None, split_seed: int = 0, ceiling: bool = False) -> dict[str, Any]:
     """Write ``rows`` synthetic click-log rows to ``out_path`` plus its spec and truth files.
 
     Takes the output path (``.tsv``; ``.gz`` writes gzip), the row count, the seed
@@ -515,15 +641,22 @@ def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, cli
     Writes ``out_path`` (via a temporary file, renamed into place),
     ``<base>.spec.json`` (:func:`make_spec`) and ``<base>.truth.json``.  Returns
     the truth dict: ``rows``, observed ``click_rate``, ``bayes_auc`` and
-    ``bayes_logloss`` of the true probabilities on those rows, ``seed``,
-    ``history``, ``data_sha256`` and the generator's parameters.
+    ``bayes_logloss`` of the true probabilities on those rows, ``scopes``
+    (``all`` and ``test``: the default test part under ``split_seed``),
+    ``seed``, ``sample_seed``, ``history``, ``data_sha256``, the generator's
+    parameters and, with ``ceiling``, ``ceiling`` (:func:`learnable_ceiling`,
+    with its seconds).  ``sample_seed`` (default: ``seed``) draws the rows from
+    the world of ``seed``.
 
     Raises:
         ConfigError: ``rows`` < 1, ``seed`` < 0, ``click_rate`` outside (0, 0.5] or
             ``chunk_rows`` < 1.
         DataError: the output (or its folder) cannot be created or written.
     """
-    _check_args(rows, seed, click_rate, chunk_rows)
+    _check_args(rows, seed, click_rate, chunk_rows, sample_seed)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or split_seed < 0:
+        raise ConfigError(f"datagen: split_seed must be an integer >= 0, got {split_seed!r}")
+    sample = seed if sample_seed is None else sample_seed
     out_path = os.fspath(out_path)
     spec_path, truth_path = sidecar_path(out_path, "spec"), sidecar_path(out_path, "truth")
     tmp = out_path + ".tmp"
@@ -531,14 +664,20 @@ def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, cli
     bias = _solve_bias(w, seed, click_rate)
     digest = hashlib.sha256()
     labels, probs, done = [], [], 0
+    keys, ratios, segs = [], [], []
     try:
         parent = os.path.dirname(out_path)
         if parent:
             os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as raw_fh:
             fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw_fh, mtime=0) if out_path.endswith(".gz") else raw_fh
-            for c in _chunks(w, seed, rows, bias, chunk_rows):
+            for c in _chunks(w, sample, rows, bias, chunk_rows):
                 data = _format(_fields(w, c, history))
+                if ceiling:
+                    k, r = _ceiling_keys(w, c["ids"])
+                    keys.append(k)
+                    ratios.append(r)
+                    segs.append(c["ids"]["segment"])
                 fh.write(data)
                 digest.update(data)
                 labels.append(c["labels"])
@@ -552,7 +691,13 @@ def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, cli
             os.remove(truth_path)           # never leave a truth file beside other rows
         os.replace(tmp, out_path)
         make_spec(history).save(spec_path)
-        truth = _truth(rows, seed, history, click_rate, bias, np.concatenate(labels), np.concatenate(probs))
+        all_labels = np.concatenate(labels)
+        truth = _truth(rows, seed, history, click_rate, bias, all_labels, np.concatenate(probs), sample_seed,
+                       split_seed)
+        if ceiling:
+            truth["ceiling"] = learnable_ceiling(np.concatenate(keys), np.concatenate(ratios), np.concatenate(segs),
+                                                 all_labels, default_split_codes(rows, split_seed))
+            truth["ceiling"]["split"] = truth["scopes"].get("test", {}).get("split")
         truth["data_sha256"] = digest.hexdigest()   # of the uncompressed text
         with open(truth_path, "w", encoding="utf-8") as f:
             f.write(json.dumps(truth, indent=2, sort_keys=True) + "\n")

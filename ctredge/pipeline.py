@@ -43,6 +43,10 @@ class PipelineConfig:
     skip_bench: bool = False
     full: bool = False
     bench_seconds: float | None = None
+    #: fit the learnable ceiling in datagen (scikit-learn; about a minute on the demo data)
+    ceiling: bool = True
+    #: a held-out file of the same world to judge the variants on (compress all --eval-data)
+    eval_data: str | None = None
 
 
 def run_pipeline(cfg: PipelineConfig, *, progress: Progress | None = None,
@@ -56,20 +60,23 @@ def run_pipeline(cfg: PipelineConfig, *, progress: Progress | None = None,
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data" / "clicks.tsv"
-    truth = stage_datagen(data, cfg.rows, cfg.seed, cfg.force, progress)
+    truth = stage_datagen(data, cfg.rows, cfg.seed, cfg.force, progress, ceiling=cfg.ceiling)
     table = markdown_table(TRAIN_HEADER, [train_table(name, stage_train(data, out / f"trained-{name}", name,
                                                                          cfg.epochs, cfg.seed, cfg.force))
                                           for name in cfg.models])
-    ceiling = (f"Bayes-optimal (true probabilities) on all {truth['rows']:,} rows: AUC {truth['bayes_auc']:.4f}, "
-               f"logloss {truth['bayes_logloss']:.4f}; click rate {truth['click_rate']:.4f}")
+    ceiling = ceiling_lines(truth)
     echo(table)
     echo(ceiling)
     variants = bench = ""
     first = cfg.models[0]
     if not cfg.skip_compress:
-        index = stage_compress(out / f"trained-{first}", out / "repository", cfg.force)
-        variants = f"## Compressed variants of `{first}` (`ctredge compress all`)\n\n{index_table(index)}\n"
+        index = stage_compress(out / f"trained-{first}", out / "repository", cfg.force, eval_data=cfg.eval_data)
+        unpublished = not_published(index)
+        variants = (f"## Compressed variants of `{first}` (`ctredge compress all`)\n\n{index_table(index)}\n\n"
+                    + (unpublished + "\n" if unpublished else ""))
         echo(index_table(index))
+        if unpublished:
+            echo(unpublished)
         if not cfg.skip_bench:
             summary = stage_bench(out, data, first, cfg)
             echo(summary)
@@ -78,16 +85,46 @@ def run_pipeline(cfg: PipelineConfig, *, progress: Progress | None = None,
     report = out / "report.md"
     report.write_text(f"# ctredge pipeline report\n\n`ctredge pipeline --out {cfg.out} --rows {cfg.rows} "
                       f"--seed {cfg.seed} --models {','.join(cfg.models)} --epochs {cfg.epochs}"
-                      f"{' --full' if cfg.full else ''}`, {time.perf_counter() - t0:.0f} s\n\n"
+                      f"{' --full' if cfg.full else ''}{' --no-ceiling' if not cfg.ceiling else ''}"
+                      f"{' --eval-data ' + cfg.eval_data if cfg.eval_data else ''}`, {time.perf_counter() - t0:.0f} s\n\n"
                       f"## Training (synthetic data with history)\n\n{table}\n\n{ceiling}\n\n{variants}\n{bench}")
     echo(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
     return report
 
 
-def stage_datagen(data: Path, rows: int, seed: int, force: bool, progress: Progress | None = None) -> dict[str, Any]:
+def ceiling_lines(truth: dict[str, Any]) -> str:
+    """The Bayes-optimal figures (all rows and the test rows) and the learnable ceiling of a datagen truth file."""
+    lines = [f"Bayes-optimal (true probabilities) on all {truth['rows']:,} rows: AUC {truth['bayes_auc']:.4f}, "
+             f"logloss {truth['bayes_logloss']:.4f}; click rate {truth['click_rate']:.4f}"]
+    test = (truth.get("scopes") or {}).get("test")
+    if test:
+        lines.append(f"Bayes-optimal on the {test['rows']:,} test rows the models are scored on: AUC "
+                     f"{test['bayes_auc']:.4f}, logloss {test['bayes_logloss']:.4f}")
+    c = truth.get("ceiling")
+    if c and c.get("status") == "measured":
+        lines.append(f"learnable ceiling (logistic regression on the planted structure, fit on the "
+                     f"{c['train_rows']:,} train rows, C={c['C']}) on the same {c['test_rows']:,} test rows: "
+                     f"AUC {c['test_auc']:.4f}, logloss {c['test_logloss']:.4f}")
+    elif c:
+        lines.append(f"learnable ceiling: skipped ({c.get('reason')})")
+    return "\n\n".join(lines)
+
+
+def not_published(index: dict[str, Any]) -> str:
+    """One line per variant ``compress all`` did not write, with why (empty when every one was written)."""
+    lines = [f"- `{e['name']}` not published: {e.get('not_written') or e.get('refused') or 'over budget'}"
+             for e in index["models"] if not e.get("written")]
+    return ("Not published:\n\n" + "\n".join(lines)) if lines else ""
+
+
+def stage_datagen(data: Path, rows: int, seed: int, force: bool, progress: Progress | None = None, *,
+                  ceiling: bool = False) -> dict[str, Any]:
     """The synthetic click log with history at ``data``: reused when its truth sidecar says same rows and seed.
 
-    Returns the truth sidecar (row count, click rate, Bayes-optimal AUC/logloss).
+    The truth file's test-part figures use ``seed`` as the split seed (the
+    pipeline trains with it).  Returns the truth sidecar (row count, click rate,
+    Bayes-optimal AUC/logloss on all rows and the test rows, and with
+    ``ceiling`` the learnable ceiling).
     """
     from ctredge.datagen import generate
     from ctredge.reader import sidecar_path
@@ -95,12 +132,16 @@ def stage_datagen(data: Path, rows: int, seed: int, force: bool, progress: Progr
     truth_path = Path(sidecar_path(data, "truth"))
     if not force and data.is_file() and truth_path.is_file():
         truth = json.loads(truth_path.read_text())
-        if truth.get("rows") == rows and truth.get("seed") == seed and truth.get("history"):
+        test_split = ((truth.get("scopes") or {}).get("test") or {}).get("split") or {}
+        if (truth.get("rows") == rows and truth.get("seed") == seed and truth.get("history")
+                and truth.get("sample_seed", seed) == seed and test_split.get("seed") == seed
+                and (not ceiling or "ceiling" in truth)):
             log.info("reusing %s (%d rows, seed %d)", data, rows, seed)
             return truth
     data.parent.mkdir(parents=True, exist_ok=True)
-    log.info("datagen: %d rows with history -> %s", rows, data)
-    return generate(str(data), rows=rows, seed=seed, history=True, progress=progress)
+    log.info("datagen: %d rows with history -> %s%s", rows, data, " (and the learnable ceiling)" if ceiling else "")
+    return generate(str(data), rows=rows, seed=seed, history=True, progress=progress, split_seed=seed,
+                    ceiling=ceiling)
 
 
 def stage_train(data: Path, out: Path, model: str, epochs: int, seed: int, force: bool) -> dict[str, Any]:
@@ -135,16 +176,18 @@ def _read_train_manifest(folder: Path) -> dict[str, Any]:
     return read_manifest(folder, stage="train")
 
 
-def stage_compress(trained_dir: Path, repo: Path, force: bool) -> dict[str, Any]:
-    """``compress all`` of a trained artifact (every variant, over budget allowed); returns the repository's index.
+def stage_compress(trained_dir: Path, repo: Path, force: bool, *, eval_data: str | None = None) -> dict[str, Any]:
+    """``compress all`` of a trained artifact; returns the repository's index.
 
-    The trained model is loaded and its rows read once, then shared by the
-    exports, the pruning and every variant's scoring.
+    Only variants the budget verdict publishes are written ("met", or "not
+    resolved" with the point estimate within budget); the index says why for
+    the rest.  The trained model is loaded and its rows read once, then shared
+    by the exports, the pruning and every variant's scoring.
     """
     from ctredge.compress.variants import CompressConfig, compress_all
 
     log.info("compress all: %s -> %s", trained_dir, repo)
-    return compress_all(trained_dir, repo, CompressConfig(allow_over_budget=True), force=force)
+    return compress_all(trained_dir, repo, CompressConfig(eval_data=eval_data), force=force)
 
 
 def stage_bench(out: Path, data: Path, first: str, cfg: PipelineConfig) -> str:
@@ -157,4 +200,5 @@ def stage_bench(out: Path, data: Path, first: str, cfg: PipelineConfig) -> str:
     return summary_table(run_bench(bench))
 
 
-__all__ = ["PipelineConfig", "run_pipeline", "stage_datagen", "stage_train", "stage_compress", "stage_bench"]
+__all__ = ["PipelineConfig", "run_pipeline", "stage_datagen", "stage_train", "stage_compress", "stage_bench",
+           "ceiling_lines", "not_published"]

@@ -245,3 +245,74 @@ def test_unwritable_path_raises_data_error(tmp_path):
 def test_unknown_vocabulary_raises():
     with pytest.raises(ConfigError, match="item_id"):
         datagen.raw_vocabulary("nope")
+
+
+# ------------------------------------------------------------------ sample seed, scopes, ceiling
+#: sha256 of ``generate(rows=3000, seed=5, history=True)`` before the sample seed existed (commit 4c81672)
+SHA_3000_SEED5_HISTORY = "58acbd9f9fa6043dde5cadc9734fec877cd303304ba17b1ae68abfe570b6e745"
+
+
+def test_default_sample_seed_keeps_files_byte_identical(tmp_path):
+    import hashlib
+
+    a, ta = _write(tmp_path / "a", seed=5, history=True)
+    b, tb = _write(tmp_path / "b", seed=5, history=True, sample_seed=5)
+    assert hashlib.sha256(a.read_bytes()).hexdigest() == SHA_3000_SEED5_HISTORY
+    assert a.read_bytes() == b.read_bytes() and ta["sample_seed"] == 5 and ta["data_sha256"] == tb["data_sha256"]
+
+
+def test_sample_seed_draws_other_rows_of_the_same_world(tmp_path):
+    base = datagen.generate_arrays(4000, seed=3)
+    other = datagen.generate_arrays(4000, seed=3, sample_seed=9)
+    world = datagen.generate_arrays(4000, seed=4, sample_seed=9)
+    assert not np.array_equal(base["ids"]["user"], other["ids"]["user"])   # other rows
+    assert base["truth"]["bias"] == other["truth"]["bias"]                  # the same world's bias ...
+    # ... and the same planted effects: an item's item term is the same in both samples
+    common = np.intersect1d(base["ids"]["item"], other["ids"]["item"])[:50]
+    for it in common:
+        assert base["terms"]["item"][base["ids"]["item"] == it][0] == other["terms"]["item"][other["ids"]["item"] == it][0]
+    assert not np.array_equal(other["ids"]["user"], world["ids"]["user"])   # another world, same sample seed
+    path, truth = _write(tmp_path, rows=2000, seed=3, sample_seed=9)
+    assert truth["seed"] == 3 and truth["sample_seed"] == 9
+    with pytest.raises(ConfigError, match="sample_seed"):
+        datagen.generate(str(tmp_path / "x.tsv"), rows=10, sample_seed=-1)
+
+
+def test_truth_test_scope_is_the_models_test_rows(written):
+    from ctredge.dataplan import DataPlan
+
+    path, truth = written
+    spec = FeatureSpec.load(str(reader.sidecar_path(path, "spec")))
+    test = DataPlan.from_files([str(path)], seed=0).read("test", spec)
+    arrays = datagen.generate_arrays(ROWS, seed=0, history=True)
+    probs = arrays["probs"][test.line_no - 1]
+    scope = truth["scopes"]["test"]
+    assert scope["rows"] == len(test) and scope["split"] == {"seed": 0, "valid": 0.1, "test": 0.1, "part": "test"}
+    assert np.array_equal(arrays["labels"][test.line_no - 1], test.labels)
+    assert scope["bayes_auc"] == pytest.approx(metrics.auc(test.labels, probs), abs=1e-12)
+    assert truth["scopes"]["all"]["bayes_auc"] == truth["bayes_auc"]
+
+
+def test_learnable_ceiling_is_recorded_between_chance_and_bayes(tmp_path):
+    pytest.importorskip("sklearn")
+    _, truth = _write(tmp_path, rows=12000, seed=0, history=True, click_rate=0.2, ceiling=True)
+    c = truth["ceiling"]
+    assert c["status"] == "measured" and c["test_rows"] == truth["scopes"]["test"]["rows"]
+    assert 0.55 < c["test_auc"] < truth["scopes"]["test"]["bayes_auc"] + 0.01
+    assert c["keys"] == list(datagen.CEILING_KEYS) and str(c["C"]) in c["valid_auc_by_C"]
+
+
+def test_ceiling_without_scikit_learn_is_recorded_as_skipped(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError("no sklearn here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    out = datagen.learnable_ceiling(np.zeros((4, 1), np.int64), np.zeros(4), np.zeros(4, np.int64),
+                                    np.array([0, 1, 0, 1]), np.array([0, 1, 2, 0]))
+    assert out["status"] == "skipped" and "scikit-learn" in out["reason"]

@@ -67,7 +67,9 @@ def test_accuracy_has_the_full_model_and_every_variant_on_the_test_split(run, ac
     assert fp32["dauc"] == pytest.approx(0.0, abs=1e-6) and fp32["x_fp32_bytes"] == 1.0
     assert by["ctr-fp16"]["bytes"] < fp32["bytes"]
     truth = json.loads((run["root"] / "clicks.truth.json").read_text())
-    assert acc["bayes_auc"] == truth["bayes_auc"]
+    # Bayes on the rows scored: the truth file's test part is exactly the split's test rows
+    assert acc["bayes_auc"] == truth["scopes"]["test"]["bayes_auc"] and acc["truth"]["scope"] == "the test rows scored"
+    assert acc["truth"]["rows"] == acc["rows"]
     for m in acc["models"]:
         lo, hi = m["dauc_ci"]
         assert lo <= m["dauc"] <= hi

@@ -84,7 +84,7 @@ def train_tiny(folder: Path, data: Path, spec: Path, model_cfg: ModelConfig, nam
 
 def small_cfg(**overrides) -> PruneConfig:
     base = dict(sparsity=0.5, structured=0.5, vocab_min_count=3, epochs=2, batch_size=128,
-                learning_rate=2e-3, frequency=5, verbose=0)
+                learning_rate=2e-3, frequency=5, verbose=0, distill_alphas=(0.0,))
     base.update(overrides)
     return PruneConfig(**base)
 
@@ -108,7 +108,7 @@ def trained(workdir, click_log) -> Path:
 @pytest.fixture(scope="module")
 def pruned(workdir, trained) -> tuple[Path, dict]:
     out = workdir / "pruned"
-    return out, prune(trained, out, small_cfg())
+    return out, prune(trained, out, small_cfg(distill_alphas=(0.0, 1.0)))
 
 
 # ---------------------------------------------------------------- the whole stage
@@ -367,11 +367,13 @@ def test_shared_embedding_with_remap_round_trips_config_and_weights():
     ("frequency", 0, "integer >= 1"),
     ("end_step", 0, "begin_step"),
     ("data", "clicks.tsv", "list of file paths"),
+    ("distill_alphas", (), "non-empty list"),
+    ("distill_alphas", (0.5, 1.5), "numbers in"),
 ])
 def test_bad_config_raises(field, value, expected):
     with pytest.raises(ConfigError, match=expected) as info:
         PruneConfig(**{field: value})
-    assert field in str(info.value) and repr(value) in str(info.value)
+    assert field in str(info.value) and (repr(value) in str(info.value) or field == "distill_alphas")
 
 
 def test_config_json_round_trip_rejects_unknown_keys():
@@ -412,3 +414,52 @@ def test_changed_or_moved_data_is_refused_and_override_works(workdir, trained, c
     with pytest.raises(DataError, match="changed since training"):
         prune(trained, workdir / "pruned_changed", small_cfg(data=(str(changed),)))
     assert not (workdir / "pruned_changed").exists()
+
+
+# ---------------------------------------------------------------- distillation and the parent bar
+def test_distillation_labels_mix_labels_and_parent_predictions():
+    from ctredge.compress.prune import distillation_labels
+
+    y = np.array([0, 1, 1, 0], dtype=np.int8)
+    p = np.array([0.1, 0.8, 0.3, 0.0], dtype=np.float32)
+    np.testing.assert_allclose(distillation_labels(y, p, 1.0), y)
+    np.testing.assert_allclose(distillation_labels(y, p, 0.0), p)
+    np.testing.assert_allclose(distillation_labels(y, p, 0.25), [0.075, 0.85, 0.475, 0.0], rtol=1e-6)
+    assert distillation_labels(y, p, 0.5).dtype == np.float32
+    with pytest.raises(ConfigError, match="alpha"):
+        distillation_labels(y, p, 1.5)
+    with pytest.raises(ConfigError, match="parent predictions"):
+        distillation_labels(y, p[:3], 0.5)
+
+
+def test_parent_bar_records_whether_the_parent_was_reached():
+    from ctredge.compress.prune import parent_bar
+
+    assert parent_bar(0.72, 0.7201)["kept"] is True
+    bar = parent_bar(0.72, 0.71)
+    assert bar["kept"] is False and bar["valid_dauc"] == pytest.approx(-0.01)
+
+
+@pytest.mark.slow
+def test_pruned_manifest_records_distillation_candidates_and_the_parent_bar(pruned):
+    _, manifest = pruned
+    m = manifest["metrics"]
+    d = m["distillation"]
+    assert d["alphas"] == [0.0, 1.0] and d["alphas_run"] == d["alphas"]
+    names = [c["name"] for c in d["candidates"]]
+    assert names[0] == "epoch 0" and len(names) == 1 + len(d["alphas"])
+    best = max(d["candidates"], key=lambda c: c["valid_auc"])
+    assert d["kept"] == best["name"] and m["valid_auc"] == pytest.approx(best["valid_auc"], abs=1e-9)
+    assert d["chosen_alpha"] == best["alpha"]
+    bar = m["parent_bar"]
+    assert bar["parent_valid_auc"] == m["before"]["valid_auc"] and bar["kept"] == (m["valid_auc"] >= bar["parent_valid_auc"])
+
+
+@pytest.mark.slow
+def test_epoch_zero_is_kept_when_no_fine_tune_epoch_beats_it(workdir, trained):
+    # a learning rate this large wrecks every fine-tune epoch: the one-shot pruned weights must win
+    out = workdir / "pruned-lr"
+    m = prune(trained, out, small_cfg(learning_rate=5.0, epochs=1, distill_alphas=(1.0,)))["metrics"]
+    d = m["distillation"]
+    assert d["kept"] == "epoch 0" and d["chosen_alpha"] is None and m["epochs"] == 0
+    assert m["valid_auc"] == pytest.approx(d["candidates"][0]["valid_auc"], abs=1e-9)

@@ -46,7 +46,7 @@ def test_every_variant_is_indexed_and_loads_on_cpu(repo):
     assert on_disk["models"] == index["models"]
     for e in index["models"]:
         for key in ("name", "version", "source", "quantization", "size_bytes", "rss_bytes", "test_auc", "dauc",
-                    "dauc_ci", "within_budget"):
+                    "dauc_ci", "within_budget", "verdict", "published", "written"):
             assert key in e
         path = out / e["name"] / "1" / "model.onnx"
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -60,6 +60,10 @@ def test_every_variant_is_indexed_and_loads_on_cpu(repo):
 def test_full_model_variants_meet_the_budget_and_shrink(repo):
     _, index = repo
     by = {e["name"]: e for e in index["models"]}
+    for name in ("ctr-pruned", "ctr-edge"):  # distilled from the parent, the parent's valid AUC recorded
+        rec = by[name]["prune"]
+        assert rec["kept"] and rec["parent_bar"]["parent_valid_auc"] > 0.5 and rec["candidates"][0]["name"] == "epoch 0"
+        assert [t["to"] for t in by[name]["index_tables"]] == ["uint16"]  # the vocabulary remap, narrowed
     assert by["ctr-fp32"]["dauc"] == pytest.approx(0.0, abs=1e-6)  # validated export: same AUC as Keras
     for name in ("ctr-fp32", "ctr-fp16"):
         assert by[name]["within_budget"], by[name]
@@ -157,3 +161,94 @@ def test_bench_accuracy_takes_the_index_figures_only_when_they_describe_the_same
     assert [{k: r.get(k) for k in keys} for r in reused["models"]] == \
         [{k: r.get(k) for k in keys} for r in again["models"]]
     assert [r["auc"] for r in computed["models"]] == [r["auc"] for r in reused["models"]]
+
+
+# ---------------------------------------------------------------- verdicts, publication, eval data
+@pytest.mark.parametrize("verdict, dauc, allow, published", [
+    ("met", -0.0001, False, "met"),
+    ("not resolved", -0.0004, False, "not resolved"),   # point estimate within budget: published, marked
+    ("not resolved", -0.0009, False, None),             # point estimate over budget: not written ...
+    ("not resolved", -0.0009, True, "over budget (allowed)"),  # ... unless allowed
+    ("missed", -0.003, False, None),
+    ("missed", -0.003, True, "over budget (allowed)"),
+])
+def test_publication_follows_the_verdict(verdict, dauc, allow, published):
+    from ctredge.compress.variants import publication
+
+    got, why = publication(verdict, dauc, 0.0005, allow)
+    assert got == published
+    assert bool(why) == (published is None)
+    if published is None:
+        assert ("missed" in why) == (verdict == "missed") and ("--eval-data" in why) == (verdict == "not resolved")
+
+
+def test_index_table_shows_verdicts_and_why_a_variant_is_not_written():
+    from ctredge.tables import index_table
+
+    base = {"quantization": "none", "size_bytes": 100, "test_auc": 0.7, "dauc": 0.0, "dauc_ci": [-1e-4, 1e-4]}
+    index = {"models": [{**base, "name": "ctr-fp32", "verdict": "met", "published": "met", "written": True},
+                        {**base, "name": "ctr-int8", "verdict": "not resolved", "published": "not resolved",
+                         "written": True},
+                        {**base, "name": "ctr-edge", "verdict": "missed", "published": None, "written": False,
+                         "not_written": "missed: it loses 0.003 AUC"}],
+             "reference": {"keras_test_auc": 0.7, "test_rows": 1000, "budget": 0.0005,
+                           "bayes": {"bayes_auc": 0.8, "bayes_logloss": 0.1}}}
+    text = index_table(index)
+    assert "| met |" in text and "| not resolved (published) |" in text and "| missed (not written) |" in text
+    assert "ctr-edge: not written: missed: it loses 0.003 AUC" in text and "Bayes-optimal on the same rows" in text
+
+
+def test_narrow_index_tables_is_exact_and_smaller():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ctredge.compress.variants import narrow_index_tables
+
+    remap = np.arange(5000, dtype=np.int32) % 700
+    table = np.random.default_rng(0).normal(size=(700, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["remap", "ids"], ["rows"], name="g0", axis=0),
+         helper.make_node("Gather", ["table", "rows"], ["out"], name="g1", axis=0)], "t",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, [None])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(remap, "remap"), numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ids = np.array([0, 4999, 1234, 700], dtype=np.int32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+
+    before, size = run(model), len(model.SerializeToString())
+    rec = narrow_index_tables(model)
+    assert [r["name"] for r in rec] == ["remap"] and rec[0]["to"] == "uint16"
+    np.testing.assert_array_equal(run(model), before)
+    assert len(model.SerializeToString()) < size - 9000
+    assert narrow_index_tables(model) == []  # nothing left to narrow; the float table is never touched
+    onnx.checker.check_model(model)
+
+
+def test_eval_data_from_the_same_world_judges_the_variants(trained, tmp_path):
+    held_out = tmp_path / "held-out.tsv"
+    generate(str(held_out), rows=6000, seed=2, sample_seed=7, history=True, click_rate=0.2)
+    index = compress_all(trained, tmp_path / "repo", CompressConfig(variants=("ctr-fp32", "ctr-int8-dynamic"),
+                                                                    eval_data=str(held_out), bootstrap=20,
+                                                                    measure_rss=False), work_dir=tmp_path / "work")
+    ref = index["reference"]
+    assert ref["rows_source"] == "eval file" and ref["test_rows"] == 6000 and ref["eval_data"]["rows"] == 6000
+    assert ref["eval_data"]["world"]["sample_seed"] == 7 and ref["bayes"]["rows"] == 6000
+    by = {e["name"]: e for e in index["models"]}
+    assert by["ctr-fp32"]["verdict"] == "met" and by["ctr-fp32"]["written"]
+    for e in index["models"]:
+        assert e["verdict"] in ("met", "not resolved", "missed")
+        assert e["written"] == (e["published"] is not None)
+
+
+def test_eval_data_overlapping_the_training_rows_is_refused(trained, tmp_path):
+    same_sample = tmp_path / "same.tsv"
+    generate(str(same_sample), rows=3000, seed=2, history=True, click_rate=0.2)  # a prefix of the training rows
+    with pytest.raises(ConfigError, match="sample seed"):
+        compress_all(trained, tmp_path / "r", CompressConfig(variants=("ctr-fp32",), eval_data=str(same_sample)))
+    data = json.loads((trained / "manifest.json").read_text())["data"]["files"][0]["path"]
+    with pytest.raises(ConfigError, match="data file of the trained"):
+        compress_all(trained, tmp_path / "r", CompressConfig(variants=("ctr-fp32",), eval_data=data))
