@@ -300,13 +300,18 @@ def _peer(cfg: BenchConfig, repo: Path, spec: Any, plan: dict[str, Any], results
 
 
 def _perf_analyzer(cfg: BenchConfig, out: Path) -> dict[str, Any]:
-    """:func:`ctredge.benchmarks.perf_analyzer.bench_section` on ``ctr-fp32`` (else the first model); one round of
-    1 s windows in the quick mode, ``cfg.rounds`` of 2 s with ``--full``."""
-    from ctredge.benchmarks.perf_analyzer import PaConfig, bench_section
+    """:func:`ctredge.benchmarks.perf_analyzer.bench_section` on ``ctr-fp32`` (else the first model).
+
+    ``--full``: 1-row requests at concurrency 1, 16, 64, 256 and ranking requests at 1 and 16, ``cfg.rounds``
+    rounds of 2 s windows; the quick mode: 1-row at 1 and 64, ranking at 1, one round of 1 s windows.
+    """
+    from ctredge.benchmarks.perf_analyzer import CONCURRENCY, RANKING_CONCURRENCY, PaConfig, bench_section
 
     model = "ctr-fp32" if "ctr-fp32" in cfg.models else cfg.models[0]
     return bench_section(PaConfig(repository=cfg.repository, model=model, data=cfg.data, out=str(out / "perf_analyzer"),
                                   peer=cfg.peer, peer_venv=cfg.peer_venv, perf_venv=cfg.perf_venv,
+                                  concurrency=CONCURRENCY if cfg.full else (1, 64),
+                                  ranking_concurrency=RANKING_CONCURRENCY if cfg.full else (1,),
                                   ranking_rows=cfg.ranking_rows, rounds=cfg.rounds if cfg.full else 1,
                                   measurement_ms=2000 if cfg.full else 1000, pin=cfg.pin))
 

@@ -29,7 +29,8 @@ Ranking requests.  perf_analyzer gives every input of a batching model (``max_ba
 ctredge's models report) the same batch size ``-b``, so it cannot send ctredge's broadcast form (user
 side with 1 row, ``*_item`` with N).  Both servers get the expanded form: ``-b 256`` requests whose 256
 rows repeat one user's columns and history over 256 candidate items (the JSON holds blocks of 256 such
-rows; perf_analyzer takes ``-b`` consecutive entries per request).  ``ctredge bench``'s own load
+rows; perf_analyzer builds a request from ``-b`` consecutive entries starting at a multiple of ``-b``, so
+each request is one block).  ``ctredge bench``'s own load
 generator measures the broadcast form.
 
 Figures per run, from perf_analyzer's CSV (``-f``, parsed by :func:`parse_csv`): throughput (its
@@ -57,6 +58,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -79,10 +81,12 @@ NOT_INSTALLED = "perf_analyzer not installed: run make perf-tools"
 PA_PARAMETER = "triton_enable_empty_final_response"
 FLOOR = "floor"
 PEER_MODEL = "ctr"  # the PyTriton peer's model name (PeerServer's default)
-PEER_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
+PEER_TOKEN_HEADER = "triton-grpc-protocol-"  # the prefix of Triton's restricted-protocol headers
 CONCURRENCY = (1, 16, 64, 256)
 RANKING_CONCURRENCY = (1, 16)
+RANKING_BLOCKS = 4  # users in the ranking input file (x 256 entries: perf_analyzer reads big files slowly)
 SATURATED = 0.9
+MEASURE_MARK = "Request concurrency:"  # perf_analyzer's log line when it starts measuring
 # perf_analyzer's CSV columns (latencies in microseconds) -> our keys (milliseconds)
 LATENCY_COLUMNS = {"p50 latency": "p50_ms", "p90 latency": "p90_ms", "p95 latency": "p95_ms",
                    "p99 latency": "p99_ms"}
@@ -210,8 +214,7 @@ def input_data(spec: Any, data_path: str | os.PathLike[str], kind: str, *, rows:
     ``kind``: ``row``: ``count`` entries, data row ``i`` in entry ``i`` (send with ``-b 1``);
     ``ranking``: ``count`` blocks of ``rows`` entries, block ``i`` being data row ``i``'s user and
     context columns and history over the item columns of ``rows`` other rows (send with ``-b rows``:
-    one request per block while perf_analyzer's steps stay aligned; the work per request is the same
-    either way).  Tensors are the hashed contract ids ``dense`` FP32, ``cat`` INT64, ``hist`` INT64.
+    perf_analyzer starts each request at a multiple of ``-b`` entries, so a request is one block).  Tensors are the hashed contract ids ``dense`` FP32, ``cat`` INT64, ``hist`` INT64.
 
     Raises:
         PerfAnalyzerError: an unknown kind, or rows/count < 1.
@@ -264,8 +267,8 @@ def decode_input_data(doc: Mapping[str, Any], spec: Any) -> list[dict[str, np.nd
 
 
 def requests_of(doc: Mapping[str, Any], spec: Any, batch: int) -> list[dict[str, np.ndarray]]:
-    """The requests perf_analyzer builds from ``doc`` with ``-b batch`` (``batch`` consecutive entries each,
-    from entry 0, 1 x batch, 2 x batch ...: its steps while aligned)."""
+    """The requests perf_analyzer builds from ``doc`` with ``-b batch``: ``batch`` consecutive entries each,
+    from entry 0, batch, 2 x batch ... (its ``step = request x batch mod entries``)."""
     rows = decode_input_data(doc, spec)
     out = []
     for start in range(0, len(rows) - batch + 1, batch):
@@ -361,7 +364,10 @@ def run_perf_analyzer(tool: PerfAnalyzer, *, url: str, model: str, input_file: s
     """Run perf_analyzer once and return its figures with its own CPU use.
 
     Returns ``{"ok", "error", "infer_per_s", "rows_per_s", "req_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
-    "client_cpu_s", "client_cores_used", "client_cpus", "client_saturated", "wall_s", "command", "log"}``;
+    "client_cpu_s", "client_cores_used", "client_cpus", "client_saturated", "wall_s", "measure_wall_s",
+    "measure_cpu_s", "startup_s", "command", "log"}``; ``client_cores_used`` is perf_analyzer's CPU over wall
+    time while it measured (from its first "Request concurrency" line to its exit; the whole run's when
+    that line never came), ``client_cpu_s`` the whole run's CPU (reading the input data included);
     a failed run has ``ok`` false, ``error`` (the tail of its output) and no figures.
     """
     work = Path(work_dir)
@@ -372,20 +378,28 @@ def run_perf_analyzer(tool: PerfAnalyzer, *, url: str, model: str, input_file: s
     cmd = pa_command(tool, url=url, model=model, input_file=input_file, concurrency=concurrency, csv_path=csv_path,
                      batch=batch, protocol=protocol, measurement_ms=measurement_ms, stability=stability,
                      max_trials=max_trials, cpus=cpus, headers=headers)
-    shown_cmd = [f"{PEER_TOKEN_HEADER}:<token>" if i and cmd[i - 1] == "-H" and a.startswith(PEER_TOKEN_HEADER)
+    shown_cmd = [a.split(":", 1)[0] + ":<token>" if i and cmd[i - 1] == "-H" and a.startswith(PEER_TOKEN_HEADER)
                  else a for i, a in enumerate(cmd)]  # no token in reports
     base = {"command": " ".join(shown_cmd), "log": str(log_path), "concurrency": int(concurrency), "batch": int(batch),
             "protocol": protocol, "client_cpus": list(cpus) if cpus else None}
     t0 = time.perf_counter()
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=tool.env)
-        status, usage = _wait4(proc, timeout_s)
-    wall = time.perf_counter() - t0
+        status, usage, mark = _wait4(proc, timeout_s, log_path)
+    t_end = time.perf_counter()
+    wall = t_end - t0
     cpu_s = usage.ru_utime + usage.ru_stime if usage is not None else None
     text = log_path.read_text(errors="replace")
-    base.update({"wall_s": wall, "client_cpu_s": cpu_s,
-                 "client_cores_used": (cpu_s / wall) if cpu_s is not None and wall > 0 else None,
-                 "returncode": status})
+    # cores used while measuring: from the first "Request concurrency" line (after reading the input data,
+    # which takes long for big files) to the exit; the whole run's when that line was not seen
+    cores = (cpu_s / wall) if cpu_s is not None and wall > 0 else None
+    measure_wall = measure_cpu = None
+    if mark is not None and cpu_s is not None and t_end - mark[0] > 0:
+        measure_wall, measure_cpu = t_end - mark[0], max(0.0, cpu_s - mark[1])
+        cores = measure_cpu / measure_wall
+    base.update({"wall_s": wall, "client_cpu_s": cpu_s, "client_cores_used": cores,
+                 "measure_wall_s": measure_wall, "measure_cpu_s": measure_cpu,
+                 "startup_s": (mark[0] - t0) if mark is not None else None, "returncode": status})
     ncpu = len(cpus) if cpus else (os.cpu_count() or 1)
     base["client_saturated"] = bool(base["client_cores_used"] is not None
                                     and base["client_cores_used"] >= SATURATED * ncpu)
@@ -403,20 +417,43 @@ def run_perf_analyzer(tool: PerfAnalyzer, *, url: str, model: str, input_file: s
             "req_per_s": rows_s / batch if rows_s is not None else None}
 
 
-def _wait4(proc: subprocess.Popen, timeout_s: float) -> tuple[int | None, Any]:
-    """Wait for ``proc`` with ``os.wait4`` (its own rusage); kill it after ``timeout_s``. (status, rusage)."""
+def _proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a live process so far (``/proc/PID/stat``), None when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait4(proc: subprocess.Popen, timeout_s: float,
+           log_path: Path | None = None) -> tuple[int | None, Any, tuple[float, float] | None]:
+    """Wait for ``proc`` with ``os.wait4`` (its own rusage); kill it after ``timeout_s``.
+
+    Returns (exit status or None when killed, rusage, mark): ``mark`` is (perf_counter, CPU seconds) when
+    :data:`MEASURE_MARK` first appeared in ``log_path``, None if it never did.
+    """
     deadline = time.monotonic() + timeout_s
+    mark = None
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             code = os.waitstatus_to_exitcode(status)
             proc.returncode = code  # reaped here: keep Popen from waiting again
-            return code, usage
+            return code, usage, mark
+        if mark is None and log_path is not None:
+            try:
+                seen = MEASURE_MARK in log_path.read_text(errors="replace")
+            except OSError:
+                seen = False
+            cpu = _proc_cpu_s(proc.pid) if seen else None
+            if cpu is not None:
+                mark = (time.perf_counter(), cpu)
         if time.monotonic() > deadline:
             proc.kill()
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return None, usage
+            return None, usage, mark
         time.sleep(0.02)
 
 
@@ -467,24 +504,41 @@ def shim_env(folder: str | os.PathLike[str], base: Mapping[str, str] | None = No
     return env
 
 
-def peer_access_token(root_pid: int) -> str | None:
-    """The access token PyTriton gave its ``tritonserver`` (a child of ``root_pid``), from that process's
-    command line (``--grpc-restricted-protocol=...:triton-grpc-protocol-triton-access-token=TOKEN``).
+def restricted_grpc_header(argv: Sequence[str]) -> tuple[str, str] | None:
+    """The gRPC header a ``tritonserver`` command line asks of restricted calls, ``(name, value)``, or None.
 
-    PyTriton 0.7 restricts the statistics endpoint, which perf_analyzer reads, to callers with that
-    header; perf_analyzer sends it with ``-H``.  None when no child has one.
+    ``--grpc-restricted-protocol=<protocols>:<key>=<value>`` (or as two arguments) makes Triton expect the
+    metadata ``triton-grpc-protocol-<key>: <value>``.
+    """
+    for i, arg in enumerate(argv):
+        value = None
+        if arg.startswith("--grpc-restricted-protocol="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--grpc-restricted-protocol" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value and ":" in value:
+            key, sep, token = value.rsplit(":", 1)[1].partition("=")
+            if sep and key and token:
+                return f"triton-grpc-protocol-{key}", token
+    return None
+
+
+def peer_access_header(root_pid: int) -> tuple[str, str] | None:
+    """:func:`restricted_grpc_header` of the ``tritonserver`` under ``root_pid`` (read from ``/proc``).
+
+    PyTriton 0.7 restricts the statistics endpoint, which perf_analyzer reads, to callers with a random
+    access token it gives tritonserver on its command line; perf_analyzer sends it with ``-H``.
     """
     from ctredge.benchmarks.peer_pytriton import process_tree
 
-    marker = PEER_TOKEN_HEADER.encode() + b"="
     for pid in process_tree(root_pid):
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        for a in args:
-            if marker in a:
-                return a.split(marker, 1)[1].split(b",")[0].decode()
+        found = restricted_grpc_header(argv)
+        if found:
+            return found
     return None
 
 
@@ -525,7 +579,8 @@ class PaConfig:
     protocol: str = "grpc"
     pin: bool = True
     floor: bool = True
-    count: int = 64  # data entries (row) or blocks (ranking; at most 16)
+    count: int = 64  # data entries (row); ranking files hold min(count, RANKING_BLOCKS) users
+    server_args: tuple[str, ...] = ("--batching", "on", "--providers", "cpu")  # passed to ctredge serve
 
 
 def _targets(cfg: PaConfig, plan: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -568,7 +623,7 @@ def measure(cfg: PaConfig, tool: PerfAnalyzer | None = None) -> dict[str, Any]:
         work = Path(tmp)
         files = {"row": write_input_data(input_data(spec, cfg.data, "row", count=cfg.count),
                                          out / "input-row.json")}
-        blocks = max(1, min(16, cfg.count))
+        blocks = max(1, min(RANKING_BLOCKS, cfg.count))
         files["ranking"] = write_input_data(input_data(spec, cfg.data, "ranking", rows=cfg.ranking_rows,
                                                        count=blocks), out / f"input-ranking-{cfg.ranking_rows}.json")
         for kind, f in files.items():
@@ -582,8 +637,8 @@ def measure(cfg: PaConfig, tool: PerfAnalyzer | None = None) -> dict[str, Any]:
                         "drops it first (sitecustomize shim)", PA_PARAMETER)
         peer_info: dict[str, Any] = {"status": "not measured", "reason": "no --peer"}
         with contextlib.ExitStack() as stack:
-            ours = stack.enter_context(ServerProcess(repo, ["--batching", "on", "--providers", "cpu"],
-                                                     cpus=server_cpus, env=env, label="pa-ctredge"))
+            ours = stack.enter_context(ServerProcess(repo, list(cfg.server_args), cpus=server_cpus, env=env,
+                                                     label="pa-ctredge"))
             urls = {"ctredge": ours.url}
             headers: dict[str, dict[str, str]] = {}
             if cfg.peer == "pytriton":
@@ -594,9 +649,9 @@ def measure(cfg: PaConfig, tool: PerfAnalyzer | None = None) -> dict[str, Any]:
                     peer = stack.enter_context(PeerServer(onnx_path, python=python, cpus=server_cpus,
                                                           batching=True))
                     urls["pytriton"] = peer.url
-                    token = peer_access_token(peer.pid)
-                    if token:
-                        headers["pytriton"] = {PEER_TOKEN_HEADER: token}
+                    found = peer_access_header(peer.pid)
+                    if found:
+                        headers["pytriton"] = {found[0]: found[1]}
                     peer_info = {"status": "measured", "reason": "", "settings": peer.settings()}
                 except PeerError as exc:
                     peer_info = {"status": "skipped", "reason": f"PyTriton could not run: {exc}"}
@@ -707,7 +762,8 @@ def markdown(results: Mapping[str, Any] | None) -> str:
             floor_p50[(r["kind"], r["concurrency"])] = r.get("p50_ms")
     body = []
     for r in rows:
-        fl = None if r.get("floor") else _div(r.get("p50_ms"), floor_p50.get((r.get("kind"), r.get("concurrency"))))
+        fl = None if r.get("floor") or r.get("server") != "ctredge" else \
+            _div(r.get("p50_ms"), floor_p50.get((r.get("kind"), r.get("concurrency"))))  # the floor is ctredge's
         cpu = _f(r.get("client_cores_used"), "{:.2f}") + (" (saturated)" if r.get("client_saturated") else "")
         if not r.get("ok"):
             errs = [e for e in r.get("errors") or [] if e]
@@ -732,7 +788,9 @@ def markdown(results: Mapping[str, Any] | None) -> str:
         f"perf_analyzer {tool.get('version', '?')} ({tool.get('binary', '?')}), -i {s.get('protocol', 'grpc')} "
         f"--async, {s.get('measurement_ms')} ms windows, -s {s.get('stability')} -r {s.get('max_trials')}, "
         f"{s.get('rounds')} alternating round(s) per cell (throughput averaged, percentiles the median); "
-        f"{plan.get('reason', 'unpinned')}.",
+        f"{plan.get('reason', 'unpinned')}; ctredge serve {' '.join(s.get('server_args') or [])}"
+        + (", PyTriton with its dynamic batcher (500 us queue delay, 1 instance)." if
+           (results.get("peer") or {}).get("status") == "measured" else "."),
         "rows/s is perf_analyzer's Inferences/Second (rows); ranking = 1 user x "
         f"{s.get('ranking_rows')} candidates sent expanded (-b {s.get('ranking_rows')}) to both servers: "
         "perf_analyzer gives every input of a batching model the same batch, so it cannot send ctredge's "
@@ -789,6 +847,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--measurement-ms", type=int, default=2000)
     p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--server-args", default="--batching on --providers cpu",
+                   help="arguments for ctredge serve (default: '--batching on --providers cpu')")
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--check", action="store_true", help="only check that perf_analyzer runs; print its version")
     p.add_argument("--write-input-data", metavar="FILE",
@@ -817,7 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        peer_venv=args.peer_venv, perf_venv=args.perf_venv, binary=args.perf_analyzer,
                        concurrency=_ints(args.concurrency), ranking_concurrency=_ints(args.ranking_concurrency),
                        ranking_rows=args.ranking_rows, rounds=args.rounds, measurement_ms=args.measurement_ms,
-                       floor=not args.no_floor, pin=not args.no_pin)
+                       floor=not args.no_floor, pin=not args.no_pin,
+                       server_args=tuple(shlex.split(args.server_args)))
         results = measure(cfg)
     except PerfAnalyzerMissing as exc:
         print(f"{exc}", file=sys.stderr)

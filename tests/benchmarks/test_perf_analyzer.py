@@ -173,6 +173,17 @@ def test_report_shows_the_skip_reason(tmp_path, monkeypatch):
     assert f"not measured ({pa.NOT_INSTALLED})" in md.split("## perf_analyzer")[1]
 
 
+def test_ctredge_bench_reports_the_skip_and_goes_on(no_pa, repo, data, tmp_path, monkeypatch):
+    from ctredge.benchmarks.bench import BenchConfig, run_bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    results = run_bench(BenchConfig(repository=str(repo), data=str(data), out=str(tmp_path / "report"),
+                                    models=("ctr",), sections=("perf_analyzer",), perf_venv=str(no_pa)))
+    assert results["perf_analyzer"]["status"] == "skipped"
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"not measured ({pa.NOT_INSTALLED}" in md.split("## perf_analyzer")[1]
+
+
 def test_a_binary_that_cannot_load_its_libraries_is_not_installed(no_pa, tmp_path):
     bad = _script(tmp_path / "perf_analyzer",
                   "echo 'perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open' >&2\n"
@@ -199,22 +210,25 @@ def _fake_tool(tmp_path: Path, body: str) -> pa.PerfAnalyzer:
     return pa.PerfAnalyzer(binary=str(exe), env=dict(os.environ), version="fake")
 
 
-FAKE_OK = f"""# writes the CSV to the file after -f, burns a little CPU, prints a log line
+FAKE_OK = f"""# writes the CSV to the file after -f, prints the measuring line, burns a little CPU
 while [ $# -gt 0 ]; do if [ "$1" = "-f" ]; then out="$2"; fi; shift; done
+echo "Request concurrency: 1"
+sleep 0.3
 i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done
 printf '%s' "{CSV}" > "$out"
-echo "Request concurrency: 1"
 """
 
 
 def test_run_perf_analyzer_parses_its_csv_and_measures_its_cpu(tmp_path):
     tool = _fake_tool(tmp_path, FAKE_OK)
     r = pa.run_perf_analyzer(tool, url="127.0.0.1:1", model="m", input_file=tmp_path / "in.json", concurrency=1,
-                             work_dir=tmp_path / "runs", label="one", headers={pa.PEER_TOKEN_HEADER: "secret"})
+                             work_dir=tmp_path / "runs", label="one", headers={"triton-grpc-protocol-triton-access-token": "secret"})
     assert r["ok"] and r["error"] == ""
     assert r["rows_per_s"] == pytest.approx(555.371) and r["req_per_s"] == pytest.approx(555.371)
     assert r["p50_ms"] == pytest.approx(0.752)
     assert r["client_cpu_s"] is not None and r["client_cpu_s"] >= 0 and r["client_cores_used"] >= 0
+    assert r["measure_wall_s"] is not None and 0 < r["measure_wall_s"] <= r["wall_s"]  # the mark was seen
+    assert r["measure_cpu_s"] <= r["client_cpu_s"]
     assert "secret" not in r["command"] and "<token>" in r["command"]  # no token in reports
     assert "--concurrency-range 1:1" in r["command"] and "-i grpc" in r["command"]
 
@@ -226,6 +240,15 @@ def test_run_perf_analyzer_reports_a_failure_with_its_output(tmp_path):
     assert not r["ok"] and "exit 2" in r["error"] and "stable measurement" in r["error"]
     cell = pa.combine([r])
     assert not cell["ok"] and cell["errors"] == [r["error"]]
+
+
+def test_restricted_grpc_header_from_a_tritonserver_command_line():
+    argv = ["tritonserver", "--grpc-restricted-protocol", "shared-memory,statistics:triton-access-token=abc_-1",
+            "--http-restricted-api=statistics:triton-access-token=abc_-1"]
+    assert pa.restricted_grpc_header(argv) == ("triton-grpc-protocol-triton-access-token", "abc_-1")
+    assert pa.restricted_grpc_header(["tritonserver", "--grpc-restricted-protocol=statistics:k=v"]) == \
+        ("triton-grpc-protocol-k", "v")
+    assert pa.restricted_grpc_header(["tritonserver", "--model-repository", "/x"]) is None
 
 
 def test_combine_averages_throughput_and_takes_median_percentiles():
