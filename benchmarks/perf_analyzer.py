@@ -381,7 +381,8 @@ def run_perf_analyzer(tool: PerfAnalyzer, *, url: str, model: str, input_file: s
     shown_cmd = [a.split(":", 1)[0] + ":<token>" if i and cmd[i - 1] == "-H" and a.startswith(PEER_TOKEN_HEADER)
                  else a for i, a in enumerate(cmd)]  # no token in reports
     base = {"command": " ".join(shown_cmd), "log": str(log_path), "concurrency": int(concurrency), "batch": int(batch),
-            "protocol": protocol, "client_cpus": list(cpus) if cpus else None}
+            "protocol": protocol, "client_cpus": list(cpus) if cpus else None,
+            "load_1m": os.getloadavg()[0]}
     t0 = time.perf_counter()
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=tool.env)
@@ -472,7 +473,8 @@ def combine(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         vals = [r[key] for r in ok if r.get(key) is not None]
         out[key] = statistics.median(vals) if vals else None
     out["client_saturated"] = any(r.get("client_saturated") for r in ok)
-    out["per_round"] = [{k: r.get(k) for k in ("rows_per_s", "p50_ms", "p99_ms", "client_cores_used")} for r in ok]
+    out["per_round"] = [{k: r.get(k) for k in ("rows_per_s", "p50_ms", "p99_ms", "client_cores_used", "load_1m")}
+                        for r in ok]
     out["command"] = ok[-1].get("command")
     return {**out, "ok": True}
 
@@ -794,9 +796,9 @@ def markdown(results: Mapping[str, Any] | None) -> str:
         "rows/s is perf_analyzer's Inferences/Second (rows); ranking = 1 user x "
         f"{s.get('ranking_rows')} candidates sent expanded (-b {s.get('ranking_rows')}) to both servers: "
         "perf_analyzer gives every input of a batching model the same batch, so it cannot send ctredge's "
-        "broadcast form. perf_analyzer cores = its CPU time (os.wait4) over its wall time.",
+        "broadcast form. perf_analyzer cores = its CPU time (os.wait4, /proc) over wall time while it measured.",
         f"load average before {_load(results.get('load_average_before'))}, after "
-        f"{_load(results.get('load_average_after'))}.",
+        f"{_load(results.get('load_average_after'))}" + _load_range(rows) + ".",
     ]
     if "b1_p50_vs_floor" in rat:
         notes.append(f"batch-1 p50 vs the no-op floor at concurrency 1: {_f(rat['b1_p50_vs_floor'], '{:.2f}x')} "
@@ -811,6 +813,11 @@ def markdown(results: Mapping[str, Any] | None) -> str:
     if results.get("shim"):
         notes.append(str(results["shim"]) + ".")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _load_range(rows: Sequence[Mapping[str, Any]]) -> str:
+    loads = [p["load_1m"] for r in rows for p in r.get("per_round") or [] if isinstance(p.get("load_1m"), float)]
+    return f"; 1-minute load at the runs' starts {min(loads):.2f}-{max(loads):.2f}" if loads else ""
 
 
 def _load(v: Any) -> str:

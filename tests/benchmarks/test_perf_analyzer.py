@@ -184,6 +184,16 @@ def test_ctredge_bench_reports_the_skip_and_goes_on(no_pa, repo, data, tmp_path,
     assert f"not measured ({pa.NOT_INSTALLED}" in md.split("## perf_analyzer")[1]
 
 
+def test_cli_writes_the_input_file_and_says_when_not_installed(no_pa, repo, data, tmp_path, capsys):
+    out = tmp_path / "row.json"
+    assert pa.main(["--repository", str(repo), "--model", "ctr", "--data", str(data),
+                    "--write-input-data", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["data"]) == 64 and set(doc["data"][0]) == {"dense", "cat", "hist"}
+    assert pa.main(["--check", "--perf-venv", str(no_pa)]) == 3
+    assert pa.NOT_INSTALLED in capsys.readouterr().err
+
+
 def test_a_binary_that_cannot_load_its_libraries_is_not_installed(no_pa, tmp_path):
     bad = _script(tmp_path / "perf_analyzer",
                   "echo 'perf_analyzer: error while loading shared libraries: libb64.so.0d: cannot open' >&2\n"
