@@ -20,6 +20,10 @@ Sections (each can be skipped; a failed section is reported with its reason and 
 5. **peer** (``--peer pytriton``, on with ``--full``): the same ONNX model through
    PyTriton in its own virtual environment, same load generator; ranking
    requests are sent to it as expanded rows (it does not broadcast).
+   **perf_analyzer** (:mod:`.perf_analyzer`): Triton's own load generator
+   against ctredge (the model and the floor) and, with the peer, PyTriton;
+   its ``--input-data`` files are written into ``OUT/perf_analyzer/``.  Without
+   ``make perf-tools`` it is skipped ("perf_analyzer not installed").
 6. **gpu** (``--providers cpu,cuda``): in-process and gRPC runs on the CUDA
    execution provider against the CPU, when this onnxruntime has it.
 
@@ -70,7 +74,9 @@ class BenchConfig:
     providers: tuple[str, ...] = ("cpu",)
     peer: str | None = None  # "pytriton"; None: on with --full
     peer_venv: str = ".venv-pytriton"
-    sections: tuple[str, ...] = ("accuracy", "baselines", "inproc", "grpc", "footprint", "peer", "gpu")
+    sections: tuple[str, ...] = ("accuracy", "baselines", "inproc", "grpc", "footprint", "peer", "perf_analyzer",
+                                 "gpu")
+    perf_venv: str = ".venv-perf"
     bootstrap: int = 200
     seed: int = 0
     pin: bool = True
@@ -293,6 +299,23 @@ def _peer(cfg: BenchConfig, repo: Path, spec: Any, plan: dict[str, Any], results
                     "side); ctredge gets the user side once", **info}
 
 
+def _perf_analyzer(cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    """:func:`ctredge.benchmarks.perf_analyzer.bench_section` on ``ctr-fp32`` (else the first model).
+
+    ``--full``: 1-row requests at concurrency 1, 16, 64, 256 and ranking requests at 1 and 16, ``cfg.rounds``
+    rounds of 2 s windows; the quick mode: 1-row at 1 and 64, ranking at 1, one round of 1 s windows.
+    """
+    from ctredge.benchmarks.perf_analyzer import CONCURRENCY, RANKING_CONCURRENCY, PaConfig, bench_section
+
+    model = "ctr-fp32" if "ctr-fp32" in cfg.models else cfg.models[0]
+    return bench_section(PaConfig(repository=cfg.repository, model=model, data=cfg.data, out=str(out / "perf_analyzer"),
+                                  peer=cfg.peer, peer_venv=cfg.peer_venv, perf_venv=cfg.perf_venv,
+                                  concurrency=CONCURRENCY if cfg.full else (1, 64),
+                                  ranking_concurrency=RANKING_CONCURRENCY if cfg.full else (1,),
+                                  ranking_rows=cfg.ranking_rows, rounds=cfg.rounds if cfg.full else 1,
+                                  measurement_ms=2000 if cfg.full else 1000, pin=cfg.pin))
+
+
 def _gpu(cfg: BenchConfig, repo: Path, requests: dict[str, list[bytes]], plan: dict[str, Any]) -> dict[str, Any]:
     from ctredge.benchmarks.inproc import inproc_latency
     from ctredge.serve.runtime import CUDA, available_providers
@@ -381,6 +404,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         else:
             results["peer"] = {"status": "not measured", "reason": "no --peer given (ctredge bench --peer pytriton, "
                                                                    "or --full)"}
+    if "perf_analyzer" in want:
+        _section(results, "perf_analyzer", lambda: _perf_analyzer(cfg, out))
     if "gpu" in want:
         if "cuda" in cfg.providers:
             _section(results, "gpu", lambda: _gpu(cfg, repo, requests, plan))
@@ -415,7 +440,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=256, help="candidates per ranking request, rows per batch request")
     p.add_argument("--providers", default="cpu", help="cpu or cpu,cuda (GPU section)")
     p.add_argument("--peer", choices=("pytriton", "none"), help="serve the same model through a peer server too")
-    p.add_argument("--skip", default="", help="sections to skip: accuracy,baselines,inproc,grpc,footprint,peer,gpu")
+    p.add_argument("--skip", default="",
+                   help="sections to skip: accuracy,baselines,inproc,grpc,footprint,peer,perf_analyzer,gpu")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and clients to cores")
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap resamples for the dAUC interval")
 

@@ -35,6 +35,7 @@ Results-dict schema (every key optional)::
                       ...} ],
       "peer":      {"status": "measured" | "skipped" | "failed", "reason": str, "server": "pytriton", ...}
                    (its measurements are the "grpc" rows with server "pytriton"),
+      "perf_analyzer": dict from ctredge.benchmarks.perf_analyzer.measure() ({"status", "rows", "ratios", ...}),
       "gpu":       {"status": ..., "reason": str, "device": str,
                     "cells": [inproc cells], "grpc": [grpc rows], ...},
       "machine":   {...}  (default: machine_info() at report time),
@@ -581,6 +582,14 @@ def _peer_md(results: dict[str, Any]) -> str:
          "ctredge preds/s", "PyTriton preds/s", "ctredge / PyTriton", "note"], body, "llrrlrrrrrl")
 
 
+def _perf_analyzer_md(results: dict[str, Any]) -> str:
+    """Triton's perf_analyzer against ctredge (and PyTriton): :func:`ctredge.benchmarks.perf_analyzer.markdown`."""
+    from ctredge.benchmarks.perf_analyzer import markdown
+
+    pa, reason = _section(results, "perf_analyzer")
+    return _not_measured(reason) if pa is None else markdown(pa)
+
+
 def _gpu_md(results: dict[str, Any]) -> str:
     gpu, reason = _section(results, "gpu")
     inproc, _ = _section(results, "inproc")
@@ -641,6 +650,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
         "## gRPC end to end", _grpc_md(results) + img("throughput_vs_concurrency", "throughput vs concurrency"),
         "## Footprint", _footprint_md(results),
         "## Peer: PyTriton", _peer_md(results),
+        "## perf_analyzer", _perf_analyzer_md(results),
         "## GPU", _gpu_md(results),
         "## Targets", _targets_md(results),
         "## Machine and settings", _machine_md(machine, settings),
