@@ -66,7 +66,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -75,8 +75,9 @@ from ctredge.artifacts import staged_dir, write_manifest
 from ctredge.config import config_to_dict, save_config
 from ctredge.dataplan import DataPlan, HeldOut
 from ctredge.errors import ArtifactError, ConfigError, DataError
-from ctredge.features import INPUT_CAT, INPUT_HIST, FeatureSpec
+from ctredge.features import FeatureSpec
 from ctredge.reader import Batch
+from ctredge.vocab import count_rows, vocab_remap  # noqa: F401  (re-exported with the pruning API)
 from ctredge.compress.magnitude import (  # noqa: F401  (re-exported: the pruning API in one place)
     MIN_PRUNABLE, MagnitudePruning, magnitude_mask, polynomial_sparsity, prunable_weights, sparsity_of,
 )
@@ -168,43 +169,6 @@ def _check_fraction(name: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------- vocabulary
-def count_rows(batches: Iterator[Batch], spec: FeatureSpec) -> tuple[np.ndarray, int]:
-    """How often each global embedding row is used: ``(counts [total_buckets], rows read)``.
-
-    Row ``offsets[j] + id`` counts feature ``j``'s id in ``cat``; every non-zero
-    ``hist`` id counts in the item feature's rows.
-    """
-    counts = np.zeros(spec.total_buckets, dtype=np.int64)
-    offsets = spec.offsets
-    rows = 0
-    for batch in batches:
-        rows += len(batch)
-        if spec.n_cat:
-            counts += np.bincount((batch.feeds[INPUT_CAT] + offsets).reshape(-1), minlength=spec.total_buckets)
-        if spec.history is not None:
-            hist = batch.feeds[INPUT_HIST]
-            ids = hist[hist != 0] + offsets[spec.item_feature_index]
-            counts += np.bincount(ids, minlength=spec.total_buckets)
-    return counts, rows
-
-
-def vocab_remap(counts: np.ndarray, spec: FeatureSpec, min_count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows survive and where every global row goes.
-
-    Takes the per-row counts, the spec and N.  Returns ``(remap, kept)``:
-    ``kept`` the surviving global rows in order (each feature's row 0 always
-    survives), ``remap`` int32 ``[total_buckets]`` mapping a surviving row to its
-    new index and any other row to the new index of its feature's row 0.
-    """
-    total = spec.total_buckets
-    row0 = np.repeat(spec.offsets, spec.buckets)  # each global row's feature start
-    keep = counts >= min_count
-    keep[spec.offsets] = True
-    new_index = np.cumsum(keep) - 1
-    remap = new_index[np.where(keep, np.arange(total), row0)].astype(np.int32)
-    return remap, np.flatnonzero(keep)
-
-
 def _full_table(layer: Any) -> np.ndarray:
     """A SharedEmbedding's table as ``[total_buckets, dim]`` (undoing an earlier remap)."""
     table = layer.embeddings.numpy()

@@ -190,13 +190,15 @@ def make_spec(history: bool) -> FeatureSpec:
     and 11 categorical columns in file order, sides tagged, and (with history)
     ``HistorySpec(item_feature="item_id", max_len=20)``.  Tiny vocabularies get
     the smallest collision-free bucket count >= 4x their size; the others ~3-4x.
+    ``query_cat`` shares the ``category`` vocabulary (same raw value, same id).
     """
     dense = tuple(DenseFeature(n, side=s, transform=t, integer=i) for n, s, t, i in DENSE_COLUMNS)
     cat = []
-    for name, side, _, _, buckets in CAT_COLUMNS:
+    for name, side, vocab, _, buckets in CAT_COLUMNS:
         if buckets is None:
             buckets = _collision_free_buckets(name, raw_vocabulary(name))
-        cat.append(CatFeature(name, buckets, side=side))
+        # query_cat holds categories: hashed in the category's vocabulary, a model can compare the two
+        cat.append(CatFeature(name, buckets, side=side, vocabulary=None if vocab == name else vocab))
     hist = HistorySpec(item_feature="item_id", max_len=MAX_HISTORY) if history else None
     return FeatureSpec(dense=dense, cat=tuple(cat), history=hist, name="ecommerce",
                        extra={"generator": GENERATOR})

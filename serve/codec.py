@@ -206,13 +206,21 @@ def _shape(name: str, dims: Sequence[int], max_elements: int | None = None) -> t
     return shape, count
 
 
+#: request parameters accepted and ignored: Triton's clients send them on every request, and on a unary
+#: ModelInfer they change nothing (perf_analyzer 2.41 sets this one, meant for decoupled streaming models)
+IGNORED_REQUEST_PARAMETERS = {"triton_enable_empty_final_response"}
+
+
 def check_parameters(request: Any) -> None:
     """Refuse request, input and output ``parameters``: none is implemented (shared memory included).
+
+    The boolean request parameters of :data:`IGNORED_REQUEST_PARAMETERS` are accepted and ignored.
 
     Raises:
         Unimplemented: naming the parameters.
     """
-    found = [f"request parameter {shown(k)}" for k in request.parameters]
+    found = [f"request parameter {shown(k)}" for k, v in request.parameters.items()
+             if not (k in IGNORED_REQUEST_PARAMETERS and v.WhichOneof("parameter_choice") == "bool_param")]
     for t in request.inputs:
         found += [f"input {shown(t.name)} parameter {shown(k)}" for k in t.parameters]
     for o in request.outputs:

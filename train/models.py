@@ -124,7 +124,8 @@ def _check_units(name: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------ layer names other stages rely on
-#: the final logit layer of every architecture (deepfm's is the Add of its three logits)
+#: the logit layer of every architecture (deepfm's is the Add of its three logits); dcnv2's and seed's is the
+#: Dense after the MLP, to which MATCH_LOGIT is added when the model has match features
 LOGIT = "logit"
 #: deepfm's deep-part logit, fed by the last hidden layer of its MLP
 DEEP_LOGIT = "deep_logit"
@@ -134,6 +135,8 @@ CROSS_LAYER = "cross_{}"
 HISTORY_ATTRIBUTES = "history_attributes"
 #: the HistoryMatch layer
 HISTORY_MATCH = "history_match"
+#: the linear logit of the match features, added to LOGIT before the sigmoid (dcnv2, seed)
+MATCH_LOGIT = "match_logit"
 #: the VocabularyMatch layer
 VOCABULARY_MATCH = "vocabulary_match"
 #: the DenseBuckets layer, whose edges train/train.py fills from the training rows
@@ -264,7 +267,16 @@ class _Features:
         return L.MaskedMeanPooling(name="history_mean")([keys, self.hist_ids])
 
     def matches(self, cfg: ModelConfig) -> Any:
-        """The explicit match features: :meth:`history_match` and ``VocabularyMatch``, concatenated (or None)."""
+        """The explicit match features: :meth:`history_match` and ``VocabularyMatch``, concatenated (or None).
+
+        Built once per model (later calls return the same tensor).
+        """
+        if hasattr(self, "_matches"):
+            return self._matches
+        self._matches = self._build_matches(cfg)
+        return self._matches
+
+    def _build_matches(self, cfg: ModelConfig) -> Any:
         parts = [self.history_match(cfg)]
         pairs = vocabulary_pairs(self.spec) if cfg.vocabulary_match and self.spec.cat else []
         if pairs:
@@ -399,9 +411,14 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
     if cfg.model == "dcnv2":
         logit = _dcnv2(f, cfg)
     elif cfg.model == "deepfm":
-        logit = _deepfm(f, spec, cfg)
+        logit = _deepfm(f, spec, cfg)  # its first-order part already takes the match features
     else:
         logit = _seed(f, spec, cfg)
+    if cfg.model != "deepfm" and f.matches(cfg) is not None:
+        # a linear path from the explicit matches to the logit (wide & deep's "wide" part): through the
+        # cross layers and the MLP alone, one epoch under-uses them ("already in the history" by a third)
+        match_logit = keras.layers.Dense(1, name=MATCH_LOGIT)(f.matches(cfg))
+        logit = keras.layers.Add(name="logit_sum")([logit, match_logit])
     ctr = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_CTR)(logit)
     return keras.Model(inputs=f.inputs, outputs=ctr, name=f"ctredge_{cfg.model}")
 

@@ -238,6 +238,15 @@ def test_shared_memory_and_other_parameters_are_unimplemented(guarded):
     assert _code(stub.ModelInfer, req)[0] == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_perf_analyzers_empty_final_response_flag_is_accepted_and_ignored(guarded):
+    s, stub, spec = guarded
+    req = build_request("ctr", contract_feeds(spec, 1))
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+    assert stub.ModelInfer(req).outputs[0].name == "ctr"
+    req.parameters["triton_enable_empty_final_response"].string_param = "yes"   # only the boolean is known
+    assert _code(stub.ModelInfer, req)[0] == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_unknown_models_do_not_make_metric_labels(guarded):
     import urllib.request
 
