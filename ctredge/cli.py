@@ -74,10 +74,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         data=tuple(args.data), out=args.out, valid=tuple(args.valid or ()), test=tuple(args.test or ()),
-        spec=args.spec, criteo_buckets=args.buckets, batch_size=args.batch_size, epochs=args.epochs,
-        learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
+        spec=args.spec, criteo_buckets=args.buckets, epochs=args.epochs,
+        patience=args.patience, seed=args.seed,
         split_valid=args.split_valid, split_test=args.split_test, skip_bad_rows=args.skip_bad_rows,
-        verbose=1 if sys.stdout.isatty() else 2, **({} if args.min_count is None else {"min_count": args.min_count}),
+        verbose=1 if sys.stdout.isatty() else 2,
+        **{k: v for k, v in (("min_count", args.min_count), ("batch_size", args.batch_size),
+                                          ("learning_rate", args.learning_rate),
+                                          ("lr_decay_epochs", args.lr_decay_epochs)) if v is not None},
     )
     manifest = train(cfg, _model_config(args))
     m = manifest["metrics"]
@@ -274,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="dcnv2", choices=("dcnv2", "deepfm", "seed"))
     t.add_argument("--embedding-dim", type=int)
     t.add_argument("--out", required=True)
-    t.add_argument("--batch-size", type=int, default=1024)
+    t.add_argument("--batch-size", type=int, help="rows per training step (default: TrainConfig's, 256)")
     t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--learning-rate", type=float, default=1e-3)
+    t.add_argument("--learning-rate", type=float, help="Adam's learning rate (default: TrainConfig's, 2e-3)")
+    t.add_argument("--lr-decay-epochs", type=int,
+                   help="cosine decay of the learning rate over this many epochs (default 1; 0 = constant)")
     t.add_argument("--patience", type=int, default=1, help="early-stopping patience (epochs) on valid AUC")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--split-valid", type=float, default=0.1)
@@ -284,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad-rows", action="store_true")
     t.add_argument("--min-count", type=int,
                    help="ids seen fewer times in the training rows share their feature's out-of-vocabulary row "
-                        "(default: TrainConfig's; 1 keeps every id)")
+                        "(default: TrainConfig's, 5; 1 keeps every id)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="AUC, logloss, calibration of a trained artifact")

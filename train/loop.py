@@ -32,8 +32,11 @@ def keras_predict(model: Any, feeds: dict[str, np.ndarray], batch_size: int = 81
     return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
-def compile_ctr(model: Any, learning_rate: float, *, logloss_metric: bool = True) -> None:
-    """Compile for click prediction: Adam, binary cross-entropy, Keras' running AUC (and logloss) for the bar."""
+def compile_ctr(model: Any, learning_rate: Any, *, logloss_metric: bool = True) -> None:
+    """Compile for click prediction: Adam, binary cross-entropy, Keras' running AUC (and logloss) for the bar.
+
+    ``learning_rate``: a float or a Keras learning-rate schedule.
+    """
     metrics: list[Any] = [keras.metrics.AUC(name="auc", num_thresholds=1000)]
     if logloss_metric:
         metrics.append(keras.metrics.BinaryCrossentropy(name="logloss"))
