@@ -53,10 +53,10 @@ def prunable_weights(model: Any, min_size: int = MIN_PRUNABLE) -> list[Any]:
     """The kernels unstructured pruning acts on.
 
     Dense and Conv1D ``kernel``, CrossLayer ``kernel``/``v``/``u`` and
-    TargetAttention ``kernel_i`` with at least ``min_size`` weights; never
-    embeddings, biases or the dense transform.
+    TargetAttention / RecencyAttention ``kernel_i`` with at least ``min_size``
+    weights; never embeddings (the recency embedding included), biases or the dense transform.
     """
-    kinds = (keras.layers.Dense, keras.layers.Conv1D, L.CrossLayer, L.TargetAttention)
+    kinds = (keras.layers.Dense, keras.layers.Conv1D, L.CrossLayer, L.TargetAttention, L.RecencyAttention)
     out = []
     for layer in model.layers:
         if not isinstance(layer, kinds):

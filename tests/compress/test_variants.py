@@ -63,13 +63,16 @@ def test_full_model_variants_meet_the_budget_and_shrink(repo):
     for name in ("ctr-pruned", "ctr-edge"):  # distilled from the parent, the parent's valid AUC recorded
         rec = by[name]["prune"]
         assert rec["kept"] and rec["parent_bar"]["parent_valid_auc"] > 0.5 and rec["candidates"][0]["name"] == "epoch 0"
-        assert [t["to"] for t in by[name]["index_tables"]] == ["uint16"]  # the vocabulary remap, narrowed
+        # the vocabulary remap and the history's item -> attribute table, narrowed
+        assert by[name]["index_tables"] and all(t["to"] == "uint16" for t in by[name]["index_tables"])
     assert by["ctr-fp32"]["dauc"] == pytest.approx(0.0, abs=1e-6)  # validated export: same AUC as Keras
     for name in ("ctr-fp32", "ctr-fp16"):
         assert by[name]["within_budget"], by[name]
     # int8 on a barely-trained tiny model sits at the budget's edge (bootstrap CI ~ +-0.004): bound it loosely
     assert abs(by["ctr-int8"]["dauc"]) < 0.005, by["ctr-int8"]
-    assert by["ctr-fp16"]["size_bytes"] < 0.6 * by["ctr-fp32"]["size_bytes"]
+    # fp16 halves the float weights; the integer tables (vocabulary remap, the history's item -> attribute
+    # table, uint16 in every variant) stay, and on this tiny model they are a third of the bytes
+    assert by["ctr-fp16"]["size_bytes"] < 0.9 * by["ctr-fp32"]["size_bytes"]
     assert by["ctr-int8"]["size_bytes"] < 0.4 * by["ctr-fp32"]["size_bytes"]
     assert by["ctr-edge"]["size_bytes"] < by["ctr-int8"]["size_bytes"]
     assert by["ctr-pruned"]["size_bytes"] < by["ctr-fp32"]["size_bytes"]

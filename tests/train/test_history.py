@@ -132,3 +132,31 @@ def test_training_vocabulary_sends_rare_ids_to_their_features_row_zero():
     off = sp.offsets
     # user 2 was seen once: it shares user's row 0; user 1 (twice) keeps its own row
     assert remap[off[0] + 2] == remap[off[0]] and remap[off[0] + 1] != remap[off[0]]
+
+
+def test_learning_rate_schedule_decays_over_the_first_epoch():
+    from ctredge.train.train import LR_FLOOR, TrainConfig, learning_rate_schedule
+
+    cfg = TrainConfig(data=("x.tsv",), out="o", batch_size=100, learning_rate=2e-3)
+    sched = learning_rate_schedule(cfg, 1000)                  # 10 steps per epoch
+    assert float(sched(0)) == pytest.approx(2e-3)
+    assert float(sched(10)) == pytest.approx(2e-3 * LR_FLOOR)
+    assert float(sched(30)) == pytest.approx(2e-3 * LR_FLOOR)  # flat after the decay
+    assert learning_rate_schedule(TrainConfig(data=("x.tsv",), out="o", lr_decay_epochs=0), 1000) == 2e-3
+    assert learning_rate_schedule(cfg, None) == 2e-3            # streamed rows: count unknown, constant
+    with pytest.raises(ConfigError, match="lr_decay_epochs"):
+        TrainConfig(data=("x.tsv",), out="o", lr_decay_epochs=-1)
+
+
+def test_query_and_candidate_of_one_vocabulary_hash_alike_and_are_matched():
+    cat = (CatFeature("query_cat", 7, vocabulary="category"), CatFeature("category", 7, side="item"),
+           CatFeature("item", 5, side="item"))
+    sp = FeatureSpec(dense=(), cat=cat, name="q")
+    ids = sp.hash_cat(np.array([[b"shoes", b"shoes", b"a"], [b"hats", b"shoes", b"b"]], dtype=object))
+    assert ids[0, 0] == ids[0, 1] and ids[1, 0] != ids[1, 1]
+    from ctredge.train.models import vocabulary_pairs
+    assert vocabulary_pairs(sp) == [(0, 1)]
+    out = L.VocabularyMatch([(0, 1)])(ids).numpy()
+    assert out[:, 0].tolist() == [1.0, 0.0]
+    with pytest.raises(Exception, match="same buckets"):
+        FeatureSpec(dense=(), cat=(CatFeature("a", 7, vocabulary="v"), CatFeature("b", 9, vocabulary="v")))
