@@ -18,6 +18,9 @@ resolved.  Steps (each the recipe minus, or plus, one thing):
 ``no-recency``     attention without recency embeddings
 ``old-recipe``     all of the above off: the model and settings before issue 11
 =================  ==========================================================
+
+The two baselines (hashed LR, LightGBM) are fit on the first step's training rows
+and scored on the same rows, for the table's last two lines.
 """
 
 from __future__ import annotations
@@ -68,11 +71,32 @@ def run(data: str, out: str, *, eval_data: str | None = None, steps: Sequence[st
             row.update(eval_auc=e["auc"], eval_logloss=e["logloss"], eval_rows=int(e.get("rows", 0)) or None)
         logging.getLogger("ctredge.ablation").info("%s: %s", name, row)
         rows.append(row)
-    result = {"data": data, "eval_data": eval_data, "model": model, "epochs": epochs, "seed": seed, "rows": rows}
+    result = {"data": data, "eval_data": eval_data, "model": model, "epochs": epochs, "seed": seed, "rows": rows,
+              "baselines": _baselines(str(Path(out) / steps[0]), eval_data) if rows else []}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     (Path(out) / "ablation.md").write_text(render(result) + "\n")
     return result
+
+
+def _baselines(artifact: str, eval_data: str | None) -> list[dict[str, Any]]:
+    """Hashed LR and LightGBM fit on the first step's training rows, scored on its test rows and ``eval_data``."""
+    from ctredge.artifacts import read_manifest
+    from ctredge.benchmarks.baselines import baselines
+    from ctredge.dataplan import DataPlan
+    from ctredge.features import FeatureSpec
+    from ctredge.reader import read_all
+
+    manifest = read_manifest(artifact)
+    spec = FeatureSpec.load(str(Path(artifact) / "feature_spec.json"))
+    test = DataPlan.from_manifest(manifest["data"]).read("test", spec)
+    out = {r["name"]: {"step": r["name"], "test_auc": r["auc"], "test_logloss": r["logloss"]}
+           for r in baselines(manifest, spec, test, bootstrap=0)["rows"] if r.get("scored")}
+    if eval_data:
+        for r in baselines(manifest, spec, read_all(eval_data, spec), bootstrap=0)["rows"]:
+            if r.get("scored") and r["name"] in out:
+                out[r["name"]].update(eval_auc=r["auc"], eval_logloss=r["logloss"])
+    return list(out.values())
 
 
 def render(result: dict[str, Any]) -> str:
@@ -85,6 +109,11 @@ def render(result: dict[str, Any]) -> str:
         if result["eval_data"]:
             cells += [f"{r['eval_auc']:.5f}", f"{r['eval_logloss']:.5f}"]
         body.append(cells + [str(r["best_epoch"])])
+    for b in result.get("baselines", []):
+        cells = [f"{b['step']} (baseline)", "-", f"{b['test_auc']:.5f}", f"{b['test_logloss']:.5f}"]
+        if result["eval_data"]:
+            cells += [f"{b['eval_auc']:.5f}", f"{b['eval_logloss']:.5f}"] if "eval_auc" in b else ["-", "-"]
+        body.append(cells + ["-"])
     return markdown_table(head, body)
 
 
