@@ -135,14 +135,16 @@ def test_training_vocabulary_sends_rare_ids_to_their_features_row_zero():
 
 
 def test_learning_rate_schedule_decays_over_the_first_epoch():
-    from ctredge.train.train import LR_FLOOR, TrainConfig, learning_rate_schedule
+    from ctredge.train.train import LR_FLOOR, MIN_DECAY_STEPS, TrainConfig, learning_rate_schedule
 
     cfg = TrainConfig(data=("x.tsv",), out="o", batch_size=100, learning_rate=2e-3)
-    sched = learning_rate_schedule(cfg, 1000)                  # 10 steps per epoch
+    sched = learning_rate_schedule(cfg, 100_000)               # 1,000 steps per epoch
     assert float(sched(0)) == pytest.approx(2e-3)
-    assert float(sched(10)) == pytest.approx(2e-3 * LR_FLOOR)
-    assert float(sched(30)) == pytest.approx(2e-3 * LR_FLOOR)  # flat after the decay
-    assert learning_rate_schedule(TrainConfig(data=("x.tsv",), out="o", lr_decay_epochs=0), 1000) == 2e-3
+    assert float(sched(1000)) == pytest.approx(2e-3 * LR_FLOOR)
+    assert float(sched(3000)) == pytest.approx(2e-3 * LR_FLOOR)  # flat after the decay
+    small = learning_rate_schedule(cfg, 1000)                  # 10 steps per epoch: the decay's minimum length
+    assert float(small(10)) > 0.9 * 2e-3 and float(small(MIN_DECAY_STEPS)) == pytest.approx(2e-3 * LR_FLOOR)
+    assert learning_rate_schedule(TrainConfig(data=("x.tsv",), out="o", lr_decay_epochs=0), 100_000) == 2e-3
     assert learning_rate_schedule(cfg, None) == 2e-3            # streamed rows: count unknown, constant
     with pytest.raises(ConfigError, match="lr_decay_epochs"):
         TrainConfig(data=("x.tsv",), out="o", lr_decay_epochs=-1)
