@@ -29,6 +29,24 @@ def _valid_mask(ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     return tf.cast(tf.not_equal(ids, tf.zeros([], ids.dtype)), dtype)
 
 
+def _build_scorer(layer: Any, width: int) -> None:
+    """The attention scoring MLP's weights on ``layer``: ``kernel_i``/``bias_i`` for ``layer.units`` then 1 output."""
+    layer.kernels, layer.biases = [], []
+    for i, u in enumerate(layer.units + [1]):
+        layer.kernels.append(layer.add_weight(name=f"kernel_{i}", shape=(width, u), initializer="glorot_uniform"))
+        layer.biases.append(layer.add_weight(name=f"bias_{i}", shape=(u,), initializer="zeros"))
+        width = u
+
+
+def _score(layer: Any, h: tf.Tensor) -> tf.Tensor:
+    """Run ``h`` through the scoring MLP built by :func:`_build_scorer` (activation on the hidden layers)."""
+    for i, (kernel, bias) in enumerate(zip(layer.kernels, layer.biases)):
+        h = tf.matmul(h, kernel) + bias
+        if i < len(layer.units):
+            h = layer._act(h)
+    return h
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class DenseTransform(keras.layers.Layer):
     """Transforms the raw ``dense`` tensor ``[B, n]`` (NaN = missing) inside the graph.
@@ -397,21 +415,13 @@ class TargetAttention(keras.layers.Layer):
         self._act = keras.activations.get(activation)
 
     def build(self, input_shape: Any) -> None:
-        width = 4 * int(input_shape[0][-1])
-        self.kernels, self.biases = [], []
-        for i, u in enumerate(self.units + [1]):
-            self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(width, u), initializer="glorot_uniform"))
-            self.biases.append(self.add_weight(name=f"bias_{i}", shape=(u,), initializer="zeros"))
-            width = u
+        _build_scorer(self, 4 * int(input_shape[0][-1]))
 
     def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
         query, keys, ids = inputs
         q = tf.broadcast_to(tf.expand_dims(query, 1), tf.shape(keys))
         h = tf.concat([q, keys, q - keys, q * keys], axis=-1)  # [B, L, 4d]
-        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
-            h = tf.matmul(h, kernel) + bias
-            if i < len(self.units):
-                h = self._act(h)
+        h = _score(self, h)
         scores = tf.squeeze(h, -1)  # [B, L]
         valid = tf.not_equal(ids, tf.zeros([], ids.dtype))
         scores = tf.where(valid, scores, tf.constant(_NEG_LARGE, scores.dtype))
@@ -570,11 +580,7 @@ class RecencyAttention(keras.layers.Layer):
         if self.recency_dim:
             self.recency = self.add_weight(name="recency", shape=(max(self.buckets) + 1, self.recency_dim),
                                            initializer="uniform")
-        self.kernels, self.biases = [], []
-        for i, u in enumerate(self.units + [1]):
-            self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(width, u), initializer="glorot_uniform"))
-            self.biases.append(self.add_weight(name=f"bias_{i}", shape=(u,), initializer="zeros"))
-            width = u
+        _build_scorer(self, width)
 
     def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
         query, keys, ids = inputs
@@ -584,10 +590,7 @@ class RecencyAttention(keras.layers.Layer):
             onehot = _recency_onehot(ids, self.buckets, keys.dtype)               # [B, L, R]
             parts.append(tf.einsum("blr,rp->blp", onehot, self.recency))
         h = tf.concat(parts, axis=-1)
-        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
-            h = tf.matmul(h, kernel) + bias
-            if i < len(self.units):
-                h = self._act(h)
+        h = _score(self, h)
         scores = tf.squeeze(h, -1)                                               # [B, L]
         valid = tf.not_equal(ids, tf.zeros([], ids.dtype))
         fvalid = tf.cast(valid, scores.dtype)
