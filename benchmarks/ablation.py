@@ -10,6 +10,7 @@ resolved.  Steps (each the recipe minus, or plus, one thing):
 
 =================  ==========================================================
 ``recipe``         the defaults of TrainConfig and ModelConfig
+``no-wide``        no wide part (the fitted hashed logistic regression in the graph)
 ``no-decay``       constant learning rate 1e-3 (the old default)
 ``batch-1024``     batch 1024 (the old default)
 ``min-count-1``    every id keeps its own embedding row
@@ -38,6 +39,7 @@ from ctredge.tables import markdown_table
 
 STEPS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "recipe": ({}, {}),
+    "no-wide": ({}, {"wide": False}),
     "no-decay": ({"learning_rate": 1e-3, "lr_decay_epochs": 0}, {}),
     "batch-1024": ({"batch_size": 1024}, {}),
     "min-count-1": ({"min_count": 1}, {}),
@@ -46,7 +48,7 @@ STEPS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "no-recency": ({}, {"recency_dim": 0}),
     "old-recipe": ({"learning_rate": 1e-3, "lr_decay_epochs": 0, "batch_size": 1024, "min_count": 1},
                    {"history_attributes": False, "history_match": False, "vocabulary_match": False,
-                    "recency_dim": 0}),
+                    "recency_dim": 0, "wide": False}),
 }
 
 

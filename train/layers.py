@@ -686,3 +686,96 @@ class VocabularyMatch(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "pairs": [list(p) for p in self.pairs]}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class WideLogit(keras.layers.Layer):
+    """The "wide" part of wide & deep: a logistic regression inside the graph, fitted before the deep part.
+
+    One weight per categorical id, per hashed pair of ids and per dense quantile
+    bucket, plus a linear weight per match feature and a bias::
+
+        cols[b]  = [offsets[j] + cat[b, j]                             for each field j]
+                 + [T + (cat[b, i] * K1 + cat[b, j] * K2 + (p+1) * K3) mod H   for each pair p = (i, j)]
+                 + [T + H + j * (k + 2) + bucket_j(dense[b, j])         for each dense feature j]
+        out[b]   = sum(table[cols[b]]) + matches[b] . match_w + bias            -> [B, 1]
+
+    with ``T`` the spec's total buckets, ``H`` = ``buckets`` rows of crosses, ``k``
+    quantile edges per dense feature (bucket 0 = NaN, ``1 + #{edges <= x}``
+    otherwise, as :class:`DenseBuckets`), and fixed odd multipliers ``K1 =
+    1_000_003``, ``K2 = 8_191``, ``K3 = 104_729``: ids are below 2**31, so every
+    term stays far below 2**63 and TensorFlow and ONNX Runtime compute the same
+    int64 rows.  Every weight is **non-trainable**: :func:`ctredge.train.wide.fit_wide`
+    fits them as an L2 logistic regression on the training rows (the strength
+    chosen on the valid rows) before the deep part trains, so the deep part learns
+    what a hashed logistic regression misses (the residual), and SGD's one epoch,
+    which moves a rare id's weight by about one learning rate per sighting, never
+    has to learn main effects and crosses from a few rows each.
+
+    Takes ``offsets`` (per field), ``total_buckets``, ``pairs``, ``buckets``,
+    ``n_dense``, ``n_edges``, ``n_match`` (0 = no matches input).  Inputs
+    ``[cat int [B, n_cat], dense float [B, n_dense]]`` (+ ``matches float [B, n_match]``).
+    """
+
+    K1, K2, K3 = 1_000_003, 8_191, 104_729
+
+    def __init__(self, offsets: Sequence[int], total_buckets: int, pairs: Sequence[Sequence[int]], buckets: int,
+                 n_dense: int, n_edges: int, n_match: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.offsets = [int(o) for o in offsets]
+        self.total_buckets = int(total_buckets)
+        self.pairs = [[int(a), int(b)] for a, b in pairs]
+        self.buckets = int(buckets) if self.pairs else 0
+        self.n_dense, self.n_edges, self.n_match = int(n_dense), int(n_edges), int(n_match)
+        if not self.offsets or self.total_buckets < 1 or self.n_edges < 1 or min(self.n_dense, self.n_match) < 0:
+            raise ValueError(f"WideLogit: need offsets, total_buckets >= 1, n_edges >= 1, n_dense/n_match >= 0; "
+                             f"got {len(self.offsets)} offsets, {total_buckets}, {n_edges}, {n_dense}, {n_match}")
+        if self.pairs and self.buckets < 1:
+            raise ValueError(f"WideLogit: crosses need buckets >= 1, got {buckets}")
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the weight table: ids, crosses, dense buckets."""
+        return self.total_buckets + self.buckets + self.n_dense * (self.n_edges + 2)
+
+    def build(self, input_shape: Any) -> None:
+        fixed = dict(initializer="zeros", trainable=False)
+        self.table = self.add_weight(name="table", shape=(self.n_rows, 1), **fixed)
+        self.edges = self.add_weight(name="edges", shape=(max(self.n_dense, 1), self.n_edges), **fixed)
+        self.match_w = self.add_weight(name="match_w", shape=(max(self.n_match, 1), 1), **fixed)
+        self.bias = self.add_weight(name="bias", shape=(1,), **fixed)
+
+    def columns(self, cat: tf.Tensor, dense: tf.Tensor | None) -> tf.Tensor:
+        """``[B, n_cat + P + n_dense]`` int64 rows of ``table`` (the formula above)."""
+        cat = tf.cast(cat, tf.int64)
+        parts = [cat + tf.constant(self.offsets, tf.int64)]
+        if self.pairs:
+            left = tf.gather(cat, tf.constant([a for a, _ in self.pairs], tf.int64), axis=1)
+            right = tf.gather(cat, tf.constant([b for _, b in self.pairs], tf.int64), axis=1)
+            salt = tf.constant([(p + 1) * self.K3 for p in range(len(self.pairs))], tf.int64)
+            h = tf.math.floormod(left * self.K1 + right * self.K2 + salt, tf.constant(self.buckets, tf.int64))
+            parts.append(h + self.total_buckets)
+        if self.n_dense:
+            x = tf.convert_to_tensor(dense)
+            missing = tf.math.is_nan(x)
+            x0 = tf.where(missing, tf.zeros([], x.dtype), x)
+            above = tf.cast(tf.expand_dims(x0, -1) >= tf.cast(self.edges, x.dtype), tf.int64)   # [B, n, k]
+            bucket = tf.where(missing, tf.zeros([], tf.int64), 1 + tf.reduce_sum(above, axis=-1))
+            base = self.total_buckets + self.buckets
+            parts.append(bucket + base + tf.range(self.n_dense, dtype=tf.int64) * (self.n_edges + 2))
+        return tf.concat(parts, axis=1)
+
+    def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+        cat, dense = inputs[0], (inputs[1] if self.n_dense else None)
+        out = tf.reduce_sum(tf.gather(self.table[:, 0], self.columns(cat, dense)), axis=1, keepdims=True)
+        if self.n_match:
+            out = out + tf.matmul(tf.cast(inputs[-1], tf.float32), self.match_w)
+        return out + self.bias
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (input_shape[0][0], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "offsets": self.offsets, "total_buckets": self.total_buckets,
+                "pairs": [list(p) for p in self.pairs], "buckets": self.buckets, "n_dense": self.n_dense,
+                "n_edges": self.n_edges, "n_match": self.n_match}

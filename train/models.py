@@ -53,6 +53,11 @@ class ModelConfig:
     embedding tables learn at this multiple of the learning rate (``SharedEmbedding``).
     ``vocabulary_match``: for fields sharing a vocabulary (``CatFeature.vocabulary``),
     a 0/1 "same value" feature per pair (``VocabularyMatch``).
+    ``wide``: add a wide part to the logit, a hashed logistic regression over every
+    id, every pair of fields (hashed into ``wide_buckets`` rows), ``wide_edges``
+    quantile buckets per dense value and the match features (``WideLogit``), fitted
+    on the training rows before the deep part trains (:mod:`ctredge.train.wide`);
+    the logit layers then start at zero, so training starts from the regression.
 
     Raises:
         ConfigError: a value out of range or of the wrong type.
@@ -78,6 +83,9 @@ class ModelConfig:
     dense_buckets: int = 0
     embedding_lr_scale: float = 1.0
     vocabulary_match: bool = True
+    wide: bool = True
+    wide_buckets: int = 2 ** 18
+    wide_edges: int = 15
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -92,10 +100,12 @@ class ModelConfig:
         _check_int("vocab_rows", self.vocab_rows, 0)
         _check_int("recency_dim", self.recency_dim, 0)
         _check_int("dense_buckets", self.dense_buckets, 0)
+        _check_int("wide_buckets", self.wide_buckets, 0)
+        _check_int("wide_edges", self.wide_edges, 1)
         if (isinstance(self.embedding_lr_scale, bool) or not isinstance(self.embedding_lr_scale, (int, float))
                 or not 0 < self.embedding_lr_scale <= 100):
             raise ConfigError(f"embedding_lr_scale: expected a number in (0, 100], got {self.embedding_lr_scale!r}")
-        for name in ("history_attributes", "history_match", "dense_norm", "vocabulary_match"):
+        for name in ("history_attributes", "history_match", "dense_norm", "vocabulary_match", "wide"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for name, allow_empty in (("mlp_units", True), ("attention_units", True), ("seed_mlp", False)):
@@ -139,6 +149,8 @@ HISTORY_MATCH = "history_match"
 MATCH_LOGIT = "match_logit"
 #: the VocabularyMatch layer
 VOCABULARY_MATCH = "vocabulary_match"
+#: the WideLogit layer (ModelConfig.wide), fitted by ctredge.train.wide.fit_wide before the deep part trains
+WIDE_LOGIT = "wide_logit"
 #: the DenseBuckets layer, whose edges train/train.py fills from the training rows
 DENSE_BUCKETS = "dense_buckets"
 
@@ -178,6 +190,11 @@ def _mlp(x: Any, units: tuple[int, ...], dropout: float, prefix: str) -> Any:
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"{prefix}_dropout_{i}")(x)
     return x
+
+
+def _start(cfg: ModelConfig) -> dict[str, Any]:
+    """The logit layers' initializer: zeros with a wide part, so training starts from the fitted regression."""
+    return {"kernel_initializer": "zeros"} if cfg.wide else {}
 
 
 def _concat(parts: list[Any], name: str, axis: int = -1) -> Any:
@@ -310,7 +327,7 @@ def _dcnv2(f: _Features, cfg: ModelConfig) -> Any:
     for i in range(cfg.cross_layers):
         x = L.CrossLayer(cfg.cross_rank, name=CROSS_LAYER.format(i))([x0, x])
     x = _mlp(x, cfg.mlp_units, cfg.dropout, "deep")
-    return keras.layers.Dense(1, name=LOGIT)(x)
+    return keras.layers.Dense(1, name=LOGIT, **_start(cfg))(x)
 
 
 def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
@@ -334,14 +351,14 @@ def _deepfm(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     match = f.matches(cfg)
     if match is not None:
         linear_in.append(match)
-    first = keras.layers.Dense(1, name="first_order_logit")(_concat(linear_in, "first_order_input"))
+    first = keras.layers.Dense(1, name="first_order_logit", **_start(cfg))(_concat(linear_in, "first_order_input"))
     field_tensor = _concat(fields, "fields", axis=1)  # [B, F, d]
     second = L.FMInteraction(name="fm")(field_tensor)
     deep_in = keras.layers.Flatten(name="fields_flat")(field_tensor)
     if match is not None:
         deep_in = keras.layers.Concatenate(name="deep_input")([deep_in, match])
     deep = _mlp(deep_in, cfg.mlp_units, cfg.dropout, "deep")
-    deep = keras.layers.Dense(1, name=DEEP_LOGIT)(deep)
+    deep = keras.layers.Dense(1, name=DEEP_LOGIT, **_start(cfg))(deep)
     return keras.layers.Add(name=LOGIT)([first, second, deep])
 
 
@@ -381,7 +398,7 @@ def _seed(f: _Features, spec: FeatureSpec, cfg: ModelConfig) -> Any:
     if match is not None:
         parts.append(match)
     x = _mlp(_concat(parts, "seed_input"), cfg.seed_mlp, cfg.dropout, "seed")
-    return keras.layers.Dense(1, name=LOGIT)(x)
+    return keras.layers.Dense(1, name=LOGIT, **_start(cfg))(x)
 
 
 def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Model:
@@ -417,8 +434,17 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
     if cfg.model != "deepfm" and f.matches(cfg) is not None:
         # a linear path from the explicit matches to the logit (wide & deep's "wide" part): through the
         # cross layers and the MLP alone, one epoch under-uses them ("already in the history" by a third)
-        match_logit = keras.layers.Dense(1, name=MATCH_LOGIT)(f.matches(cfg))
+        match_logit = keras.layers.Dense(1, name=MATCH_LOGIT, **_start(cfg))(f.matches(cfg))
         logit = keras.layers.Add(name="logit_sum")([logit, match_logit])
+    if cfg.wide and spec.cat:
+        ins = [f.inputs[INPUT_CAT]] + ([f.inputs[INPUT_DENSE]] if spec.dense else [])
+        match = f.matches(cfg)
+        if match is not None:
+            ins.append(match)
+        pairs = [(i, j) for i in range(spec.n_cat) for j in range(i + 1, spec.n_cat)] if cfg.wide_buckets else []
+        wide = L.WideLogit(spec.offsets.tolist(), spec.total_buckets, pairs, cfg.wide_buckets, spec.n_dense,
+                           cfg.wide_edges, 0 if match is None else int(match.shape[-1]), name=WIDE_LOGIT)(ins)
+        logit = keras.layers.Add(name="wide_sum")([logit, wide])
     ctr = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_CTR)(logit)
     return keras.Model(inputs=f.inputs, outputs=ctr, name=f"ctredge_{cfg.model}")
 
@@ -426,12 +452,15 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
 def model_summary(model: keras.Model) -> dict[str, int]:
     """Parameter counts for the manifest.
 
-    Takes a Keras model.  Returns ``{"total", "embedding", "remap", "dense"}``: all
+    Takes a Keras model.  Returns ``{"total", "embedding", "remap", "wide", "dense"}``: all
     weights, the rows of :class:`~ctredge.train.layers.SharedEmbedding` tables (what
-    compression targets), their int32 vocabulary remaps (0 unless pruned), and the rest.
+    compression targets), their int32 vocabulary remaps (0 unless pruned), the fitted
+    :class:`~ctredge.train.layers.WideLogit` weights, and the rest.
     """
     total = sum(int(np.prod(w.shape)) for w in model.weights)
     tables = [layer for layer in model.layers if isinstance(layer, L.SharedEmbedding)]
     embedding = sum(int(np.prod(t.embeddings.shape)) for t in tables)
     remap = sum(int(np.prod(t.remap.shape)) for t in tables if t.remap is not None)
-    return {"total": total, "embedding": embedding, "remap": remap, "dense": total - embedding - remap}
+    wide = sum(int(np.prod(w.shape)) for layer in model.layers if isinstance(layer, L.WideLogit) for w in layer.weights)
+    return {"total": total, "embedding": embedding, "remap": remap, "wide": wide,
+            "dense": total - embedding - remap - wide}

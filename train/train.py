@@ -108,6 +108,7 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     """
     from ctredge.train.data import Source, train_dataset
     from ctredge.train.models import ModelConfig, build_model, model_summary
+    from ctredge.train.wide import fit_wide
 
     model_cfg = model_cfg or ModelConfig()
     spec = resolve_spec(cfg.data[0], cfg.spec, buckets=cfg.criteo_buckets)
@@ -133,6 +134,7 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     if remap is not None:
         set_remap(model, remap)
     fill_data_layers(model, spec, train_rows, skip_bad_rows=cfg.skip_bad_rows)
+    wide = fit_wide(model, spec, train_rows, valid)
     compile_ctr(model, learning_rate_schedule(cfg, n_train))
     fitted = fit(model, ds, valid, epochs=cfg.epochs, patience=cfg.patience, verbose=cfg.verbose,
                  say=_epoch_line if cfg.verbose else None)
@@ -144,6 +146,8 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         "history": {"val_auc": fitted.val_auc, "val_logloss": fitted.val_logloss, "loss": fitted.loss},
         "bad_rows_skipped": stats.bad_rows,
     }
+    if wide is not None:
+        metrics["wide"] = wide
     truth = _truth_for(cfg.data[0])
     if truth is not None:
         metrics["bayes_auc_file"] = truth.get("bayes_auc")

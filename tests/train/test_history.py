@@ -92,7 +92,8 @@ def test_recency_attention_respects_the_mask_and_empty_rows():
 @pytest.mark.parametrize("name", ["dcnv2", "deepfm", "seed"])
 def test_models_use_the_learned_attribute_table(name):
     sp = spec()
-    cfg = ModelConfig(model=name, embedding_dim=4, mlp_units=(8,), cross_layers=1, seed_mlp=(8,), conv_filters=4)
+    cfg = ModelConfig(model=name, embedding_dim=4, mlp_units=(8,), cross_layers=1, seed_mlp=(8,), conv_filters=4,
+                      wide=False)  # the wide part's zero-started logits would hide the deep part
     model = build_model(sp, cfg)
     assert attribute_fields(sp) == [2]
     rows = batch([[1, 3, 2, 1], [2, 4, 1, 0], [3, 3, 2, 2]], [[4, 0, 0, 0], [3, 4, 0, 0], [0, 0, 0, 0]])

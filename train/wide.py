@@ -1,0 +1,148 @@
+"""Fitting the wide part (:class:`ctredge.train.layers.WideLogit`) before the deep part trains.
+
+The wide part is a hashed logistic regression inside the model: one weight per
+categorical id, per hashed pair of ids, per dense quantile bucket and per match
+feature.  :func:`fit_wide` fits it exactly as such (L2-regularised, L-BFGS,
+scikit-learn) on the **training** rows, picks the L2 strength by the **valid**
+logloss from :data:`C_GRID`, and writes the weights into the layer; the deep part
+then trains on top of it (the wide weights are not trainable), learning what
+the regression misses.  The design matrix is built from the layer's own
+``columns`` (the very int64 rows the graph gathers) and the model's own match
+features, so the regression and the served graph cannot disagree
+(``tests/train/test_wide.py`` checks the logits match).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+import numpy as np
+
+from ctredge import metrics as M
+from ctredge.errors import ConfigError
+from ctredge.features import INPUT_CAT, INPUT_DENSE, FeatureSpec
+from ctredge.reader import Batch, concat_batches
+
+log = logging.getLogger("ctredge.train")
+
+#: inverse L2 strengths tried (the one with the best valid logloss is kept)
+C_GRID = (0.003, 0.01, 0.03)
+#: at most this many training rows fit the wide part (the first ones)
+MAX_ROWS = 2_000_000
+#: L-BFGS iterations per strength
+MAX_ITER = 300
+_CHUNK = 65_536
+
+
+def wide_layer(model: Any) -> Any:
+    """The model's WideLogit layer, or None."""
+    from ctredge.train.models import WIDE_LOGIT
+
+    names = {layer.name for layer in model.layers}
+    return model.get_layer(WIDE_LOGIT) if WIDE_LOGIT in names else None
+
+
+def _match_model(model: Any, layer: Any) -> Any:
+    import keras
+
+    return keras.Model(inputs=model.inputs, outputs=layer.input[-1]) if layer.n_match else None
+
+
+def design(model: Any, batch: Batch) -> Any:
+    """The wide part's design matrix for ``batch``: scipy CSR ``[B, n_rows + n_match]`` (one-hot rows, match values)."""
+    import scipy.sparse as sp
+    import tensorflow as tf
+
+    from ctredge.train.loop import keras_predict
+
+    layer = wide_layer(model)
+    n = len(batch)
+    cols = []
+    for start in range(0, n, _CHUNK):
+        cat = tf.constant(batch.feeds[INPUT_CAT][start:start + _CHUNK])
+        dense = tf.constant(batch.feeds[INPUT_DENSE][start:start + _CHUNK]) if layer.n_dense else None
+        cols.append(layer.columns(cat, dense).numpy())
+    cols = np.concatenate(cols) if cols else np.zeros((0, 1), np.int64)
+    width = cols.shape[1]
+    onehot = sp.csr_matrix((np.ones(n * width, np.float32), cols.reshape(-1),
+                            np.arange(0, n * width + 1, width, dtype=np.int64)), shape=(n, layer.n_rows))
+    sub = _match_model(model, layer)
+    if sub is None:
+        return onehot
+    matches = keras_predict(sub, batch.feeds).astype(np.float32).reshape(n, layer.n_match)
+    return sp.hstack([onehot, sp.csr_matrix(matches)], format="csr")
+
+
+def _first_rows(rows: Any, spec: FeatureSpec, limit: int) -> Batch:
+    if isinstance(rows, Batch):
+        return rows.take(np.arange(min(len(rows), limit))) if len(rows) > limit else rows
+    parts: list[Batch] = []
+    got = 0
+    for b in rows.batches(spec, _CHUNK, False):
+        parts.append(b)
+        got += len(b)
+        if got >= limit:
+            break
+    whole = concat_batches(parts, spec)
+    return whole.take(np.arange(min(len(whole), limit))) if len(whole) > limit else whole
+
+
+def fit_wide(model: Any, spec: FeatureSpec, rows: Any, valid: Batch, *, max_rows: int = MAX_ROWS,
+             grid: Iterable[float] = C_GRID) -> dict[str, Any] | None:
+    """Fit the model's WideLogit (when it has one) on the training ``rows``; returns what was fitted, for the manifest.
+
+    Takes the built model (vocabulary remap and data layers already filled), the
+    spec, the training rows (a Batch or a streamed Source; the first ``max_rows``)
+    and the valid rows (they choose the L2 strength).  Returns None for a model
+    without a wide part, else ``{"C", "grid", "rows", "columns_used", "seconds",
+    "valid_auc", "valid_logloss"}`` (the valid figures of the wide part alone).
+
+    Raises:
+        ConfigError: scikit-learn is not installed.
+    """
+    layer = wide_layer(model)
+    if layer is None:
+        return None
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as e:
+        raise ConfigError("the wide part (ModelConfig.wide) is fitted with scikit-learn: pip install "
+                          "'ctredge[train]' (scikit-learn), or train with wide off") from e
+    from ctredge.vocab import quantile_edges
+
+    t0 = time.perf_counter()
+    train = _first_rows(rows, spec, max_rows)
+    if layer.n_dense:
+        layer.edges.assign(quantile_edges(train.feeds[INPUT_DENSE], layer.n_edges))
+    x_train, x_valid = design(model, train), design(model, valid)
+    used = np.unique(x_train.indices)     # columns no training row sets keep weight 0 under L2
+    x_train, x_valid = x_train[:, used], x_valid[:, used]
+    lr = LogisticRegression(solver="lbfgs", max_iter=MAX_ITER, warm_start=True)
+    best, table = None, []
+    for c in sorted(grid):                # strongest L2 first, each fit warm-started from the last
+        lr.set_params(C=c)
+        lr.fit(x_train, train.labels)
+        p = lr.predict_proba(x_valid)[:, 1]
+        row = {"C": c, "valid_logloss": round(M.logloss(valid.labels, p), 6),
+               "valid_auc": round(M.auc(valid.labels, p), 6), "iterations": int(lr.n_iter_[0])}
+        table.append(row)
+        if best is None or row["valid_logloss"] < best[0]["valid_logloss"]:
+            best = (row, lr.coef_[0].copy(), float(lr.intercept_[0]))
+    assert best is not None
+    full = np.zeros(layer.n_rows + layer.n_match, np.float32)
+    full[used] = best[1]
+    layer.table.assign(full[:layer.n_rows, None])
+    if layer.n_match:
+        layer.match_w.assign(full[layer.n_rows:, None])
+    layer.bias.assign(np.array([best[2]], np.float32))
+    info = {"C": best[0]["C"], "grid": table, "rows": len(train), "columns_used": int(len(used)),
+            "seconds": round(time.perf_counter() - t0, 1), "valid_auc": best[0]["valid_auc"],
+            "valid_logloss": best[0]["valid_logloss"]}
+    log.info("wide part: logistic regression on %d training rows, %d columns, C=%s (valid AUC %.5f) in %.1fs",
+             info["rows"], info["columns_used"], info["C"], info["valid_auc"], info["seconds"])
+    return info
+
+
+__all__ = ["C_GRID", "MAX_ROWS", "design", "fit_wide", "wide_layer"]
