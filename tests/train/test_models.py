@@ -199,7 +199,9 @@ def test_model_summary_counts_embedding_rows():
     model = build_model(spec, small_config("dcnv2"))
     s = model_summary(model)
     assert s["embedding"] == spec.total_buckets * 8
-    assert s["total"] == model.count_params() == s["embedding"] + s["dense"]
+    wide = model.get_layer("wide_logit")
+    assert s["wide"] == wide.n_rows + wide.edges.shape[0] * wide.edges.shape[1] + wide.match_w.shape[0] + 1
+    assert s["total"] == model.count_params() == s["embedding"] + s["wide"] + s["dense"]
 
 
 # ---------------------------------------------------------------- config
