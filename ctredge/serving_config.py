@@ -34,6 +34,7 @@ Written by ``compress all`` and the benchmarks, read by the server
         "max_bytes_payload": 8388608,  bytes of the BYTES inputs of one request
         "max_raw_value_bytes": 1024,   one raw categorical value or history item id
         "max_history_bytes": 16384,    one raw history (comma-separated item ids)
+        "max_explain_rows": 4096,      rows B x (G + 1) of a request that asks for ``attributions``
         "hash_memo_bytes": 16777216    memory of the raw-value -> id memo (LRU), per model version
       },
       "notes": ""                      free text, e.g. why batching is off
@@ -118,10 +119,11 @@ class RequestLimits:
     max_raw_value_bytes: int = 1024
     max_history_bytes: int = 16384
     hash_memo_bytes: int = 16 << 20
+    max_explain_rows: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("max_elements", "max_bytes_elements", "max_bytes_payload", "max_raw_value_bytes",
-                     "max_history_bytes", "hash_memo_bytes"):
+                     "max_history_bytes", "hash_memo_bytes", "max_explain_rows"):
             if not _is_int(getattr(self, name), 1):
                 raise ConfigError(f"limits.{name}: expected an integer >= 1, got {getattr(self, name)!r}")
 

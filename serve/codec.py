@@ -354,8 +354,10 @@ def _from_contents(name: str, dt: str, shape: tuple[int, ...], count: int, conte
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def requested_outputs(request: Any, available: Sequence[str]) -> list[str]:
+def requested_outputs(request: Any, available: Sequence[str], optional: Sequence[str] = ()) -> list[str]:
     """Output names the request asks for (all of ``available`` when it names none).
+
+    ``optional``: outputs given only when named (``attributions``, :mod:`.explain`).
 
     Raises:
         InvalidInput: an output name the model does not have.
@@ -363,7 +365,7 @@ def requested_outputs(request: Any, available: Sequence[str]) -> list[str]:
     names = [o.name for o in request.outputs]
     if not names:
         return list(available)
-    unknown = [n for n in names if n not in available]
+    unknown = [n for n in names if n not in available and n not in optional]
     if unknown:
         raise InvalidInput(f"unknown output(s) {unknown}; the model has {list(available)}")
     return names

@@ -10,7 +10,9 @@ Where the execution provider shows:
   goes in the call's initial gRPC metadata, key ``ctredge-execution-provider``.
 
 A ctredge model's ``ModelConfig.parameters`` also carry its FeatureSpec JSON
-(``ctredge.feature_spec``), which ``ctredge predict`` reads to parse click logs.
+(``ctredge.feature_spec``), which ``ctredge predict`` reads to parse click logs, and
+the names of the columns of the optional ``attributions`` output, in order
+(``ctredge.attribution_groups``, a JSON list; :mod:`.explain`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 import ctredge
 from ctredge.features import METADATA_KEY
+from ctredge.serve import explain
 from ctredge.serve.repository import ModelVersion, Repository
 from ctredge.serve.runtime import GPU_PROVIDERS
 
@@ -95,6 +98,7 @@ def model_config(mv: ModelVersion) -> Any:
     }
     if sig.spec is not None:
         params[METADATA_KEY] = sig.spec.to_json()
+        params[explain.GROUPS_PARAMETER] = explain.groups_json(sig.spec)
     for k, v in params.items():
         conf.parameters[k].string_value = v
     return pb.ModelConfigResponse(config=conf)

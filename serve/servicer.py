@@ -1,7 +1,8 @@
 """The ``inference.GRPCInferenceService`` servicer: thin handlers over the repository.
 
 ``ModelInfer`` is check (:func:`ctredge.serve.codec.check_request`: names,
-datatypes, ranks, element and byte limits, before any decoding) -> decode
+datatypes, ranks, element and byte limits, before any decoding; and
+:func:`ctredge.serve.explain.check_request` when ``attributions`` is asked for) -> decode
 (:mod:`.codec`) -> prepare against the model's signature (:mod:`.signature`)
 -> the version's scheduler (:mod:`.batcher`) -> check the answer -> encode.
 Every handler's errors go through :func:`ctredge.serve.errors.grpc_status`, the
@@ -25,7 +26,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from ctredge.serve import codec, metadata
+from ctredge.serve import codec, explain, metadata
 from ctredge.serve.errors import (
     ControlDisabled, DeadlineExceeded, InvalidInput, LoadRefused, ResourceExhausted, ShuttingDown, Unimplemented,
     grpc_status,
@@ -213,17 +214,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                         f"(--max-inflight-mb {self.max_inflight_bytes >> 20}); retry later")
             signature = mv.signature
             elements, payload = codec.check_request(request, signature, signature.limits)
+            explained = explain.check_request(request, signature)  # 0 unless 'attributions' is asked for
             if elements > INLINE_ELEMENTS or payload > INLINE_BYTES:
                 feeds = await asyncio.get_running_loop().run_in_executor(self.executor, _decode, request, signature)
             else:
                 feeds = _decode(request, signature)
-            names = codec.requested_outputs(request, signature.output_names)
+            names = codec.requested_outputs(request, signature.output_names, explain.optional_outputs(signature))
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("the request's deadline passed while it was decoded; it was not run")
             t1 = time.perf_counter_ns()
-            outputs, timing = await mv.scheduler.predict(feeds, deadline)
+            if explained:
+                outputs, timing = await explain.predict(mv.scheduler, feeds, signature.spec, deadline)
+            else:
+                outputs, timing = await mv.scheduler.predict(feeds, deadline)
             t2 = time.perf_counter_ns()
             signature.check_outputs(feeds, outputs)
             if deadline is not None and time.monotonic() > deadline:
