@@ -81,7 +81,7 @@ def check_request(request: Any, signature: Any) -> int:
 
 
 def expand(feeds: Mapping[str, np.ndarray], spec: FeatureSpec) -> dict[str, np.ndarray]:
-    """``(G + 1)`` blocks of the ``B`` contract rows: block 0 the rows as sent, block ``1 + g`` group ``g`` at baseline."""
+    """``(G + 1)`` blocks of the ``B`` contract rows: block 0 as sent, block ``1 + g`` with group ``g`` at baseline."""
     blocks = len(group_names(spec)) + 1
     out = {name: np.tile(arr, (blocks,) + (1,) * (arr.ndim - 1)) for name, arr in feeds.items()}
     batch = next(iter(feeds.values())).shape[0]
