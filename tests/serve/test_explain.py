@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from servekit import contract_feeds, ctr_model, mlp_model, raw_values, save
+from servekit import contract_feeds, ctr_model, mlp_model, plain_model, raw_values, save
 from tritonclient.utils import InferenceServerException
 
 from ctredge.serve import codec, explain
@@ -31,6 +31,7 @@ def models(tmp_path_factory, spec):
     for name in ("lin", "mlp"):
         (root / name / "config.json").write_text(json.dumps({"max_batch_size": 64,
                                                              "limits": {"max_explain_rows": MAX_EXPLAIN_ROWS}}))
+    save(plain_model(), root / "plain" / "1" / "model.onnx")
     (root / "index.json").write_text("{}")
     return root, lin
 
@@ -210,6 +211,9 @@ def test_a_plain_request_is_unchanged(gc, spec, models):
     # unknown outputs keep their error; plain ONNX models have no attributions
     with pytest.raises(InferenceServerException, match=r"unknown output\(s\) \['nope'\]; the model has \['ctr'\]"):
         _infer(gc, tg, "mlp", feeds, ["nope"])
+    x = {"x": np.ones((2, 3), np.float32), "k": np.ones((2, 2), np.int32), "s": np.array([b"a", b"b"], dtype=object)}
+    with pytest.raises(InferenceServerException, match=r"unknown output\(s\) \['attributions'\]"):
+        _infer(gc, tg, "plain", x, ["attributions"])
 
 
 def test_limits_parse():
