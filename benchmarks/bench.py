@@ -26,6 +26,10 @@ Sections (each can be skipped; a failed section is reported with its reason and 
    ``make perf-tools`` it is skipped ("perf_analyzer not installed").
 6. **gpu** (``--providers cpu,cuda``): in-process and gRPC runs on the CUDA
    execution provider against the CPU, when this onnxruntime has it.
+7. **explain** (:mod:`.explain_cost`): what the ``attributions`` output costs
+   (x of a plain request, batch 1 and 64, in-process server over gRPC) for
+   ``ctr-fp32`` (every model with ``--full``), and a picture of the
+   attributions of four of the same held-out rows the accuracy section scores.
 
 Default (quick, what ``make run`` runs): ``ctr-fp32``, ``ctr-int8``, ``ctr-edge``
 and the floor, a few seconds per cell.  ``--full``: every variant, batching on
@@ -75,7 +79,7 @@ class BenchConfig:
     peer: str | None = None  # "pytriton"; None: on with --full
     peer_venv: str = ".venv-pytriton"
     sections: tuple[str, ...] = ("accuracy", "baselines", "inproc", "grpc", "footprint", "peer", "perf_analyzer",
-                                 "gpu")
+                                 "gpu", "explain")
     perf_venv: str = ".venv-perf"
     bootstrap: int = 200
     seed: int = 0
@@ -316,6 +320,41 @@ def _perf_analyzer(cfg: BenchConfig, out: Path) -> dict[str, Any]:
                                   measurement_ms=2000 if cfg.full else 1000, pin=cfg.pin))
 
 
+#: calls per cell of the explain section (quick, --full)
+EXPLAIN_CALLS = (100, 300)
+EXPLAIN_PICTURE = "explain_attributions.png"
+
+
+def _explain(cfg: BenchConfig, spec: Any, out: Path) -> dict[str, Any]:
+    """:func:`ctredge.benchmarks.explain_cost.measure` for ``ctr-fp32`` (every model with ``--full``).
+
+    The rows are the accuracy section's: the trained artifact's test split of
+    ``--data`` when ``--trained`` says so, else every row of ``--data``.  The
+    first model's held-out attributions are drawn into ``OUT/explain_attributions.png``.
+    """
+    from ctredge.artifacts import read_manifest
+    from ctredge.benchmarks.accuracy import evaluation_rows
+    from ctredge.benchmarks.explain_cost import measure, plot
+
+    manifest = read_manifest(cfg.trained, stage=("train", "prune")) if cfg.trained else None
+    rows, info = evaluation_rows(manifest, cfg.data, spec)
+    first = "ctr-fp32" if "ctr-fp32" in cfg.models else cfg.models[0]
+    models = list(cfg.models) if cfg.full else [first]
+    calls = EXPLAIN_CALLS[1] if cfg.full else EXPLAIN_CALLS[0]
+    measured = []
+    for model in models:
+        res = measure(cfg.repository, cfg.data, model=model, calls=calls, warmup=max(10, calls // 10), rows=rows)
+        res.update(rows_source=info["rows_source"])
+        measured.append(res)
+    try:
+        plot(measured[0], str(out / EXPLAIN_PICTURE))
+        picture: str | None = EXPLAIN_PICTURE
+    except ImportError as exc:  # matplotlib is in the bench extra; without it the table still stands
+        picture = None
+        log.warning("explain: no picture (%s)", exc)
+    return {"models": measured, "calls": calls, "rows_source": info["rows_source"], "picture": picture}
+
+
 def _gpu(cfg: BenchConfig, repo: Path, requests: dict[str, list[bytes]], plan: dict[str, Any]) -> dict[str, Any]:
     from ctredge.benchmarks.inproc import inproc_latency
     from ctredge.serve.runtime import CUDA, available_providers
@@ -412,6 +451,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         else:
             results["gpu"] = {"status": "not measured", "reason": "no --providers cuda (benchmarks/gpu.sh runs it on "
                                                                   "a GPU machine)"}
+    if "explain" in want:
+        _section(results, "explain", lambda: _explain(cfg, spec, out))
     results["settings"]["seconds_total"] = round(time.perf_counter() - t0, 1)
     report = write_report(results, out)
     if repo is not None:
@@ -441,7 +482,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", default="cpu", help="cpu or cpu,cuda (GPU section)")
     p.add_argument("--peer", choices=("pytriton", "none"), help="serve the same model through a peer server too")
     p.add_argument("--skip", default="",
-                   help="sections to skip: accuracy,baselines,inproc,grpc,footprint,peer,perf_analyzer,gpu")
+                   help="sections to skip: accuracy,baselines,inproc,grpc,footprint,peer,perf_analyzer,gpu,"
+                        "explain")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and clients to cores")
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap resamples for the dAUC interval")
 

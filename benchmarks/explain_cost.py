@@ -64,8 +64,12 @@ def _slice(feeds: dict[str, np.ndarray], rows: int, start: int = 0) -> dict[str,
 
 
 def measure(repository: str, data: str, *, model: str | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
-            calls: int = 300, warmup: int = 30, plot_rows: int = 4) -> dict[str, Any]:
-    """Time plain vs attributions requests and runs; returns the figures and the held-out rows' attributions."""
+            calls: int = 300, warmup: int = 30, plot_rows: int = 4, rows: Any = None) -> dict[str, Any]:
+    """Time plain vs attributions requests and runs; returns the figures and the held-out rows' attributions.
+
+    ``rows``: the rows to use (a :class:`~ctredge.reader.Batch` hashed with the
+    model's spec, e.g. the trained artifact's test split); None reads every row of ``data``.
+    """
     import onnxruntime as ort
     import tritonclient.grpc as tg
 
@@ -79,7 +83,7 @@ def measure(repository: str, data: str, *, model: str | None = None, batches: Se
                                    providers=["CPUExecutionProvider"])
     spec = FeatureSpec.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     groups = explain.group_names(spec)
-    batch_rows = read_all(data, spec)
+    batch_rows = read_all(data, spec) if rows is None else rows
     need = max(batches)
     if len(batch_rows.labels) < need:
         raise SystemExit(f"{data} has {len(batch_rows.labels)} rows, need {need}")

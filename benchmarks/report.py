@@ -38,6 +38,8 @@ Results-dict schema (every key optional)::
       "perf_analyzer": dict from ctredge.benchmarks.perf_analyzer.measure() ({"status", "rows", "ratios", ...}),
       "gpu":       {"status": ..., "reason": str, "device": str,
                     "cells": [inproc cells], "grpc": [grpc rows], ...},
+      "explain":   {"models": [ctredge.benchmarks.explain_cost.measure() results], "calls": int,
+                    "rows_source": str, "picture": "explain_attributions.png" | None},
       "machine":   {...}  (default: machine_info() at report time),
       "settings":  {"command": str, "duration_s": float, "pinning": str, ...},
     }
@@ -608,6 +610,34 @@ def _gpu_md(results: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def _explain_md(results: dict[str, Any]) -> str:
+    """The ``attributions`` output's cost (x of a plain request) and the picture of held-out rows' attributions."""
+    ex, reason = _section(results, "explain")
+    if ex is None:
+        return _not_measured(reason)
+    body = []
+    for m in ex.get("models") or []:
+        for r in m.get("results") or []:
+            body.append([m["model"], _int(r.get("batch")), _int(r.get("rows_run")), _f(r.get("plain_ms")),
+                         _f(r.get("attributions_ms")), _f(r.get("x"), "{:.2f}x"), _f(r.get("ort_plain_ms")),
+                         _f(r.get("ort_explained_ms")), _f(r.get("ort_x"), "{:.2f}x")])
+    first = (ex.get("models") or [{}])[0]
+    head = [f"`attributions[b, g] = ctr(x_b) - ctr(x_b with group g at its baseline)`, "
+            f"G = {len(first.get('groups') or [])} groups, asked for with `requested_outputs` "
+            f"(README, Explanations); rows: {ex.get('rows_source', NA)}.",
+            f"Through the server: an in-process `ctredge serve` over loopback gRPC, plain and explained requests "
+            f"interleaved, median of {ex.get('calls', NA)} calls each; ORT run: the same session settings, "
+            "B rows against the B x (G + 1) rows of one explained run."]
+    text = "\n".join(f"- {x}" for x in head) + "\n\n" + _table(
+        ["model", "batch", "rows run", "plain ms", "+ attributions ms", "cost", "ORT plain ms",
+         "ORT B x (G+1) ms", "ORT cost"], body, "lrrrrrrrr")
+    if ex.get("picture"):
+        text += (f"\n\n![attributions of held-out rows]({ex['picture']})\n\n"
+                 f"`{first.get('model', NA)}` on held-out rows {first.get('held_out', {}).get('rows')} "
+                 "(first clicked and unclicked rows; red raised the score, blue lowered it).")
+    return text
+
+
 def _targets_md(results: dict[str, Any]) -> str:
     return _table(["target", "model", "measured", "status"],
                   [[t["target"], t["model"], t["measured"], t["status"]] for t in targets(results)], "llll")
@@ -652,6 +682,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
         "## Peer: PyTriton", _peer_md(results),
         "## perf_analyzer", _perf_analyzer_md(results),
         "## GPU", _gpu_md(results),
+        "## Explanations: the cost of attributions", _explain_md(results),
         "## Targets", _targets_md(results),
         "## Machine and settings", _machine_md(machine, settings),
     ]

@@ -49,7 +49,7 @@ def test_bench_end_to_end_tiny(setup, capsys):
     report = (out / "report.md").read_text()
     results = json.loads((out / "report.json").read_text())
     for section in ("## Summary", "## Accuracy", "## In-process latency", "## gRPC end to end", "## Footprint",
-                    "## Peer: PyTriton", "## GPU", "## Targets"):
+                    "## Peer: PyTriton", "## GPU", "## Explanations: the cost of attributions", "## Targets"):
         assert section in report, section
     for model in ("ctr-fp32", "ctr-int8", "ctr-fp16", "floor (no-op)"):
         assert f"| {model} |" in report and f"| {model} |" in printed
@@ -70,6 +70,15 @@ def test_bench_end_to_end_tiny(setup, capsys):
         assert results["gpu"]["status"] == "not measured" and "CUDA" in results["gpu"]["reason"]
     assert results["settings"]["cpu_plan"]["reason"]
     assert not (out / "work").exists()
+    # explanations: ctr-fp32 only in the quick mode, both batches, an explained request costs more than a plain
+    # one in rows run, and the picture is written beside the report
+    ex = results["explain"]
+    assert [m["model"] for m in ex["models"]] == ["ctr-fp32"] and ex["rows_source"] == "all rows"
+    cells = ex["models"][0]["results"]
+    assert [c["batch"] for c in cells] == [1, 64]
+    groups = len(ex["models"][0]["groups"])
+    assert all(c["rows_run"] == c["batch"] * (groups + 1) and c["x"] > 0 and c["ort_x"] > 0 for c in cells)
+    assert (out / ex["picture"]).stat().st_size > 0 and f"]({ex['picture']})" in report
 
 
 def test_bench_refuses_bad_arguments(setup, tmp_path):
