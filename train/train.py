@@ -67,6 +67,9 @@ class TrainConfig:
     skip_bad_rows: bool = False
     verbose: int = 1
     min_count: int = 5  # ids seen fewer times in the training rows share their feature's row 0 (1 = all kept)
+    dp_epsilon: float | None = None  # DP-SGD to this epsilon (ctredge.train.dp); None = ordinary training
+    dp_delta: float | None = None  # None: 1/n_train rounded down to a power of ten
+    dp_clip: float = 1.0  # per-example gradient L2 clipping norm of DP-SGD
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -84,6 +87,10 @@ class TrainConfig:
             raise ConfigError(f"train: without --valid, split_valid must be in (0, 1), got {self.split_valid}")
         if not self.test and not 0 < self.split_test < 1:
             raise ConfigError(f"train: without --test, split_test must be in (0, 1), got {self.split_test}")
+        if self.dp_epsilon is not None:
+            from ctredge.train.dp import check_settings
+
+            check_settings(self.dp_epsilon, self.dp_delta, self.dp_clip)
 
 
 def data_plan(cfg: TrainConfig) -> DataPlan:
@@ -111,6 +118,10 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     from ctredge.train.wide import fit_wide
 
     model_cfg = model_cfg or ModelConfig()
+    if cfg.dp_epsilon is not None:
+        from ctredge.train import dp
+
+        cfg, model_cfg = dp.private_configs(cfg, model_cfg)
     spec = resolve_spec(cfg.data[0], cfg.spec, buckets=cfg.criteo_buckets)
     keras.utils.set_random_seed(cfg.seed)
     plan = data_plan(cfg)
@@ -136,8 +147,12 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     fill_data_layers(model, spec, train_rows, skip_bad_rows=cfg.skip_bad_rows)
     wide = fit_wide(model, spec, train_rows, valid)
     compile_ctr(model, learning_rate_schedule(cfg, n_train))
-    fitted = fit(model, ds, valid, epochs=cfg.epochs, patience=cfg.patience, verbose=cfg.verbose,
-                 say=_epoch_line if cfg.verbose else None)
+    dp_record = None
+    if cfg.dp_epsilon is not None:
+        fitted, dp_record = dp.train_private(model, held, cfg, say=_epoch_line if cfg.verbose else None)
+    else:
+        fitted = fit(model, ds, valid, epochs=cfg.epochs, patience=cfg.patience, verbose=cfg.verbose,
+                     say=_epoch_line if cfg.verbose else None)
     metrics = {
         **score(model, valid, test), "test_rows": len(test), "valid_rows": len(valid), "train_rows": n_train,
         "epochs": fitted.epochs, "best_epoch": fitted.best_epoch or fitted.epochs,
@@ -148,6 +163,8 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     }
     if wide is not None:
         metrics["wide"] = wide
+    if dp_record is not None:
+        metrics["dp"] = dp_record
     truth = _truth_for(cfg.data[0])
     if truth is not None:
         metrics["bayes_auc_file"] = truth.get("bayes_auc")
