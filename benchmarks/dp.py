@@ -1,7 +1,7 @@
 """The cost of differential privacy: test AUC, logloss and training rows/s of DP-SGD at several epsilons.
 
 ``python -m ctredge.benchmarks.dp --data FILE.tsv --out DIR [--epsilons 1,3,8] [--epochs 1]
-[--batch-size 256] [--seed 0]``
+[--batch-size 256] [--clip 1.0] [--seed 0]``
 
 Every run trains on the same rows (``ctredge train``'s default split of ``FILE``
 with ``--seed``) the same small model (dcnv2, embedding 8, one cross layer, MLP
@@ -54,7 +54,7 @@ def _row(name: str, manifest: dict[str, Any], base_auc: float | None) -> dict[st
 
 
 def run_dp(data: str, out: str, epsilons: Sequence[float], *, epochs: int = 1, batch_size: int = 256,
-           seed: int = 0) -> dict[str, Any]:
+           clip: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Train the non-DP references and one DP model per epsilon on the same split; returns what ``dp.json`` holds."""
     from ctredge.train.dp import private_configs
     from ctredge.train.models import ModelConfig
@@ -69,7 +69,7 @@ def run_dp(data: str, out: str, epsilons: Sequence[float], *, epochs: int = 1, b
     runs: list[tuple[str, TrainConfig, ModelConfig]] = [
         ("non-DP (default)", base_cfg, small),
         ("non-DP", private_train, private_model),
-        *((f"DP eps={e:g}", dataclasses.replace(base_cfg, dp_epsilon=float(e)), small) for e in epsilons),
+        *((f"DP eps={e:g}", dataclasses.replace(base_cfg, dp_epsilon=float(e), dp_clip=clip), small) for e in epsilons),
     ]
     rows, base_auc = [], None
     for i, (name, cfg, mcfg) in enumerate(runs):
@@ -80,7 +80,7 @@ def run_dp(data: str, out: str, epsilons: Sequence[float], *, epochs: int = 1, b
             base_auc = manifest["metrics"]["test_auc"]
         rows.append(_row(name, manifest, base_auc if cfg.dp_epsilon is not None else None))
         log.info("%s: test AUC %.5f", name, rows[-1]["test_auc"])
-    result = {"data": str(data), "epochs": epochs, "batch_size": batch_size, "seed": seed,
+    result = {"data": str(data), "epochs": epochs, "batch_size": batch_size, "clip": clip, "seed": seed,
               "split": {"seed": seed, "valid": 0.1, "test": 0.1}, "model": SMALL,
               "machine": f"{platform.machine()}, {platform.python_version()}", "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1),
@@ -112,12 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epsilons", default="1,3,8")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--clip", type=float, default=1.0, help="DP-SGD's per-example clipping norm")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("ctredge").setLevel(logging.INFO)
     result = run_dp(args.data, args.out, [float(x) for x in args.epsilons.split(",") if x.strip()],
-                    epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+                    epochs=args.epochs, batch_size=args.batch_size, clip=args.clip, seed=args.seed)
     print(table(result))
     return 0
 
