@@ -98,11 +98,12 @@ def test_clipped_gradient_sum_matches_a_naive_loop(tiny, pooling, method):
     feeds, labels = _feeds(spec, rows, 12)
     per = dp.per_example_gradients(model, feeds, labels, method)
     assert isinstance(per[0], tuple)  # the embedding table: slices, not a dense [B, rows, d]
-    clip = 0.5
+    # the clip at the norms' lower quartile, so it binds for most examples whatever the random init gives
+    clip = float(np.quantile(_naive(model, feeds, labels, 1.0)[1], 0.25))
     sums, norms = dp.clipped_gradient_sum(model, feeds, labels, clip, method)
     want_sums, want_norms = _naive(model, feeds, labels, clip)
     np.testing.assert_allclose(norms.numpy(), want_norms, rtol=1e-4)
-    assert (want_norms > clip).sum() >= 6  # the clip binds for most examples
+    assert (want_norms > clip).sum() >= 8
     for got, want in zip(sums, want_sums):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
     # each example's clipped gradient has norm <= clip (exactly clip where it was clipped)
