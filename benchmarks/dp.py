@@ -1,7 +1,7 @@
 """The cost of differential privacy: test AUC, logloss and training rows/s of DP-SGD at several epsilons.
 
 ``python -m ctredge.benchmarks.dp --data FILE.tsv --out DIR [--epsilons 1,3,8] [--epochs 1]
-[--batch-size 256] [--clip 1.0] [--seed 0]``
+[--batch-size 256] [--clip C] [--seed 0]``
 
 Every run trains on the same rows (``ctredge train``'s default split of ``FILE``
 with ``--seed``) the same small model (dcnv2, embedding 8, one cross layer, MLP
@@ -13,7 +13,8 @@ with ``--seed``) the same small model (dcnv2, embedding 8, one cross layer, MLP
   :func:`ctredge.train.dp.private_configs` turns them off); the dAUC of each DP
   run is against this one, so it is the cost of clipping and noise alone;
 * ``DP eps=E``: ``ctredge train --dp-epsilon E`` (delta 1/n rounded down to a
-  power of ten, clip 1.0, Poisson sampling).
+  power of ten, TrainConfig's DP-SGD settings: clip 10 unless ``--clip``, Poisson
+  batches of 1024, SGD with momentum).
 
 Rows/s is training rows x epochs / training seconds (the per-epoch validation
 scoring included, the same for every run).  Writes ``DIR/dp.json`` and
@@ -54,7 +55,7 @@ def _row(name: str, manifest: dict[str, Any], base_auc: float | None) -> dict[st
 
 
 def run_dp(data: str, out: str, epsilons: Sequence[float], *, epochs: int = 1, batch_size: int = 256,
-           clip: float = 1.0, seed: int = 0) -> dict[str, Any]:
+           clip: float | None = None, seed: int = 0) -> dict[str, Any]:
     """Train the non-DP references and one DP model per epsilon on the same split; returns what ``dp.json`` holds."""
     from ctredge.train.dp import private_configs
     from ctredge.train.models import ModelConfig
@@ -64,6 +65,7 @@ def run_dp(data: str, out: str, epsilons: Sequence[float], *, epochs: int = 1, b
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base_cfg = TrainConfig(data=(str(data),), out="", epochs=epochs, batch_size=batch_size, seed=seed, verbose=0)
+    clip = base_cfg.dp_clip if clip is None else float(clip)
     small = ModelConfig(**SMALL)
     private_train, private_model = private_configs(base_cfg, small)
     runs: list[tuple[str, TrainConfig, ModelConfig]] = [
@@ -81,6 +83,8 @@ def run_dp(data: str, out: str, epsilons: Sequence[float], *, epochs: int = 1, b
         rows.append(_row(name, manifest, base_auc if cfg.dp_epsilon is not None else None))
         log.info("%s: test AUC %.5f", name, rows[-1]["test_auc"])
     result = {"data": str(data), "epochs": epochs, "batch_size": batch_size, "clip": clip, "seed": seed,
+              "dp_sgd": {"batch_size": base_cfg.dp_batch_size, "optimizer": "sgd",
+                         "learning_rate": base_cfg.dp_learning_rate, "momentum": base_cfg.dp_momentum},
               "split": {"seed": seed, "valid": 0.1, "test": 0.1}, "model": SMALL,
               "machine": f"{platform.machine()}, {platform.python_version()}", "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1),
@@ -112,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epsilons", default="1,3,8")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--clip", type=float, default=1.0, help="DP-SGD's per-example clipping norm")
+    p.add_argument("--clip", type=float, default=None, help="DP-SGD's per-example clipping norm (default: "
+                                                             "TrainConfig's dp_clip, 10)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

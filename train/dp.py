@@ -12,17 +12,17 @@ saved model.  How:
   edges (``dense_buckets = 0``), batch normalisation (``dense_norm = False``,
   it mixes the examples of a batch) and dropout.  Each change is logged.
 * Each step samples every training row independently with probability
-  ``q = batch_size / n_train`` (Poisson sampling, what the accountant
+  ``q = dp_batch_size / n_train`` (Poisson sampling, what the accountant
   assumes); :func:`clipped_gradient_sum` computes each sampled row's gradient of
   the loss w.r.t. every trainable variable with ``tf.vectorized_map``, clips its
   total L2 norm (all variables together) to ``C``, sums; :class:`DpSgd` adds
   Gaussian noise of standard deviation ``sigma * C`` to every coordinate of
   every variable's sum (the whole embedding table, not only the touched rows),
   divides by the expected batch size ``q * n_train`` and applies the result
-  with the model's optimizer (Adam; post-processing).
+  with SGD with momentum (:func:`optimizer`; post-processing).
 * ``sigma`` is the smallest noise multiplier (bisection) for which Google's
   ``dp-accounting`` RDP accountant gives at most ``E`` after
-  ``epochs * ceil(n_train / batch_size)`` Poisson-sampled Gaussian steps.
+  ``epochs * ceil(n_train / dp_batch_size)`` Poisson-sampled Gaussian steps.
 
 Per-example gradients of the embedding table come from the tape as
 ``IndexedSlices`` (one slice per lookup); an example's squared norm sums the
@@ -177,6 +177,18 @@ def plan(epsilon: float, delta: float | None, clip: float, n_train: int, batch_s
 
 
 # ------------------------------------------------------------------ configs
+def optimizer(cfg: Any) -> Any:
+    """DP-SGD's optimizer: SGD with ``cfg.dp_learning_rate`` and ``cfg.dp_momentum`` (a TrainConfig).
+
+    Not Adam: Adam divides each coordinate by its running RMS, which for the
+    rows a step does not touch is the noise's, so every embedding row would move
+    about one learning rate per step in a random direction (measured: README).
+    """
+    import keras
+
+    return keras.optimizers.SGD(cfg.dp_learning_rate, momentum=cfg.dp_momentum)
+
+
 def private_configs(cfg: Any, model_cfg: Any) -> tuple[Any, Any]:
     """``(train config, model config)`` with everything computed from the training rows outside DP-SGD turned off.
 
@@ -371,11 +383,13 @@ def train_private(model: Any, held: Any, cfg: Any,
     if held.streamed:
         raise ConfigError("DP training samples the training rows in memory, but they were streamed "
                           "(larger than max_memory_bytes): raise the memory limit or train on fewer rows")
-    dp = plan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, len(held.train), cfg.batch_size, cfg.epochs)
-    return fit_private(model, held.train, held.valid, dp, epochs=cfg.epochs, patience=cfg.patience, seed=cfg.seed,
-                       say=say)
+    dp = plan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, len(held.train), cfg.dp_batch_size, cfg.epochs)
+    fitted, record = fit_private(model, held.train, held.valid, dp, epochs=cfg.epochs, patience=cfg.patience,
+                                 seed=cfg.seed, say=say)
+    record["optimizer"] = {"name": "sgd", "learning_rate": cfg.dp_learning_rate, "momentum": cfg.dp_momentum}
+    return fitted, record
 
 
-__all__ = ["check_settings", "train_private", "SAMPLING", "epsilon_for", "noise_multiplier", "default_delta", "DpPlan", "plan", "private_configs",
+__all__ = ["check_settings", "train_private", "optimizer", "SAMPLING", "epsilon_for", "noise_multiplier", "default_delta", "DpPlan", "plan", "private_configs",
            "per_example_gradients", "per_example_norms", "clipped_gradient_sum", "DpSgd", "poisson_batches",
            "fit_private"]

@@ -155,8 +155,8 @@ def test_dp_training_writes_the_dp_record_and_exports_to_onnx(tiny, tmp_path):
     from ctredge.export.onnx import export
 
     path, _, _ = tiny
-    cfg = TrainConfig(data=(str(path),), out=str(tmp_path / "dp"), epochs=2, batch_size=128, verbose=0,
-                      dp_epsilon=4.0, dp_clip=0.8)
+    cfg = TrainConfig(data=(str(path),), out=str(tmp_path / "dp"), epochs=2, batch_size=512, verbose=0,
+                      dp_epsilon=4.0, dp_clip=0.8, dp_batch_size=128, dp_learning_rate=0.05, dp_momentum=0.5)
     manifest = train(cfg, ModelConfig(embedding_dim=4, mlp_units=(8,), cross_layers=1))
     d = manifest["metrics"]["dp"]
     n = manifest["metrics"]["train_rows"]
@@ -165,9 +165,17 @@ def test_dp_training_writes_the_dp_record_and_exports_to_onnx(tiny, tmp_path):
     assert d["clip"] == 0.8 and d["noise_multiplier"] > 0 and d["sampling"] == "poisson"
     assert d["q"] == pytest.approx(128 / n) and d["steps"] == d["steps_planned"] == 2 * -(-n // 128)
     assert d["train_rows_per_s"] > 0
+    assert d["optimizer"] == {"name": "sgd", "learning_rate": 0.05, "momentum": 0.5}
     saved = json.loads((tmp_path / "dp" / "model_config.json").read_text())
     assert saved["wide"] is False and saved["history_attributes"] is False
     assert manifest["config"]["train"]["min_count"] == 1 and manifest["config"]["train"]["dp_epsilon"] == 4.0
     assert 0 < manifest["metrics"]["test_auc"] < 1
     exported = export(tmp_path / "dp", tmp_path / "onnx")
     assert (tmp_path / "onnx" / "model.onnx").is_file() and exported["stage"] == "export"
+    # pruning a DP parent neither fine-tunes nor counts on its training rows, and carries the parent's record
+    from ctredge.compress.prune import PruneConfig, prune
+
+    pruned = prune(tmp_path / "dp", tmp_path / "pruned", PruneConfig(epochs=2, vocab_min_count=2, verbose=0))
+    assert pruned["metrics"]["epochs_total"] == 0 and pruned["metrics"]["distillation"]["alphas_run"] == []
+    assert pruned["config"]["prune"]["epochs"] == 0 and pruned["config"]["prune"]["vocab_min_count"] == 0
+    assert pruned["metrics"]["dp"] == d
