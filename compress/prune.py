@@ -428,6 +428,13 @@ def prune_trained(trained: Any, plan: DataPlan, held: HeldOut, out_dir: str | os
 
     t_start = time.perf_counter()
     keras.utils.set_random_seed(cfg.seed)
+    if (trained.manifest.get("metrics") or {}).get("dp") and (cfg.epochs or cfg.vocab_min_count):
+        # a DP-SGD parent: counting or fine-tuning on its training rows would spend privacy that no accountant
+        # recorded; magnitude and structured pruning of its weights alone are post-processing
+        log.info("prune: the parent was trained with DP-SGD, so no fine-tuning and no vocabulary counts "
+                 "(epochs %d -> 0, vocab_min_count %d -> 0): pruning its weights alone keeps its guarantee",
+                 cfg.epochs, cfg.vocab_min_count)
+        cfg = dataclasses.replace(cfg, epochs=0, vocab_min_count=0)
     spec, train_cfg, valid, test = trained.spec, trained.train_config, held.valid, held.test
     skip = train_cfg.skip_bad_rows
     rows, counts, n_train = _train_rows(plan, held, spec, skip)
@@ -514,6 +521,8 @@ def prune_trained(trained: Any, plan: DataPlan, held: HeldOut, out_dir: str | os
                                 "chosen_alpha": best["alpha"], "kept": best["name"],
                                 "candidates": [{k: v for k, v in c.items()} for c in candidates]},
                "parent_bar": parent_bar(before["valid_auc"], after["valid_auc"])}
+    if (trained.manifest.get("metrics") or {}).get("dp"):
+        metrics["dp"] = trained.manifest["metrics"]["dp"]  # the guarantee is the parent's (post-processing only)
     extra = {"model": new_cfg.model, "params": params_after, "params_before": params_before,
              "params_nonzero": nonzero, "sparsity": sparsity, "sparsity_target": cfg.sparsity,
              "vocab_rows": report.get("vocab_rows"), "units": report["units"],

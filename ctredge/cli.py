@@ -81,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         **{k: v for k, v in (("min_count", args.min_count), ("batch_size", args.batch_size),
                                           ("learning_rate", args.learning_rate),
                                           ("lr_decay_epochs", args.lr_decay_epochs)) if v is not None},
+        **_dp_settings(args),
     )
     manifest = train(cfg, _model_config(args))
     m = manifest["metrics"]
@@ -89,8 +90,26 @@ def cmd_train(args: argparse.Namespace) -> int:
                    f"{m['valid_auc']:.5f}", str(m["epochs"]), f"{m['seconds_per_epoch']:.1f}"]]))
     if m.get("bad_rows_skipped"):
         print(f"skipped {m['bad_rows_skipped']} malformed row(s)")
+    if m.get("dp"):
+        d = m["dp"]
+        print(f"DP-SGD: epsilon {d['epsilon']:.3f} (target {d['epsilon_target']:g}), delta {d['delta']:.3g}, "
+              f"clip {d['clip']:g}, noise multiplier {d['noise_multiplier']:.4f}, {d['steps']} Poisson-sampled steps")
     print(f"artifact: {args.out}")
     return 0
+
+
+def _dp_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainConfig's dp_* fields from --dp-epsilon/--dp-delta/--dp-clip (delta or clip alone are refused)."""
+    from ctredge.errors import ConfigError
+
+    if args.dp_epsilon is None:
+        if args.dp_delta is not None or args.dp_clip is not None:
+            raise ConfigError("--dp-delta and --dp-clip need --dp-epsilon (DP-SGD is off without it)")
+        return {}
+    out: dict[str, Any] = {"dp_epsilon": args.dp_epsilon, "dp_delta": args.dp_delta}
+    if args.dp_clip is not None:
+        out["dp_clip"] = args.dp_clip
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -290,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-count", type=int,
                    help="ids seen fewer times in the training rows share their feature's out-of-vocabulary row "
                         "(default: TrainConfig's, 5; 1 keeps every id)")
+    t.add_argument("--dp-epsilon", type=float,
+                   help="differentially private training (DP-SGD) to this epsilon, per training row; turns off "
+                        "what is computed from the rows without DP (vocabulary, wide part, history attributes)")
+    t.add_argument("--dp-delta", type=float, help="DP delta (default: 1/training rows, rounded down to a power of 10)")
+    t.add_argument("--dp-clip", type=float, help="DP-SGD per-example gradient clipping norm (default 10); DP-SGD "
+                        "trains with SGD + momentum on Poisson batches of 1024 (TrainConfig's dp_* fields)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="AUC, logloss, calibration of a trained artifact")

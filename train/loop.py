@@ -32,15 +32,16 @@ def keras_predict(model: Any, feeds: dict[str, np.ndarray], batch_size: int = 81
     return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
-def compile_ctr(model: Any, learning_rate: Any, *, logloss_metric: bool = True) -> None:
+def compile_ctr(model: Any, learning_rate: Any, *, logloss_metric: bool = True, optimizer: Any = None) -> None:
     """Compile for click prediction: Adam, binary cross-entropy, Keras' running AUC (and logloss) for the bar.
 
-    ``learning_rate``: a float or a Keras learning-rate schedule.
+    ``learning_rate``: a float or a Keras learning-rate schedule (Adam's);
+    ``optimizer``: another Keras optimizer instead of Adam (DP-SGD's SGD).
     """
     metrics: list[Any] = [keras.metrics.AUC(name="auc", num_thresholds=1000)]
     if logloss_metric:
         metrics.append(keras.metrics.BinaryCrossentropy(name="logloss"))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy(),
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate), loss=keras.losses.BinaryCrossentropy(),
                   metrics=metrics)
 
 

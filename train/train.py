@@ -67,6 +67,15 @@ class TrainConfig:
     skip_bad_rows: bool = False
     verbose: int = 1
     min_count: int = 5  # ids seen fewer times in the training rows share their feature's row 0 (1 = all kept)
+    dp_epsilon: float | None = None  # DP-SGD to this epsilon (ctredge.train.dp); None = ordinary training
+    dp_delta: float | None = None  # None: 1/n_train rounded down to a power of ten
+    # DP-SGD's own optimisation settings, chosen by valid AUC on the demo data (README, Differential privacy):
+    # Adam normalises each coordinate by its noise and moves every embedding row about one learning rate per
+    # step in a random direction, so DP-SGD uses SGD with momentum, large Poisson batches and a wide clip
+    dp_clip: float = 10.0  # per-example gradient L2 clipping norm
+    dp_batch_size: int = 1024  # expected Poisson batch (q = dp_batch_size / n_train); replaces batch_size
+    dp_learning_rate: float = 0.1
+    dp_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -84,6 +93,15 @@ class TrainConfig:
             raise ConfigError(f"train: without --valid, split_valid must be in (0, 1), got {self.split_valid}")
         if not self.test and not 0 < self.split_test < 1:
             raise ConfigError(f"train: without --test, split_test must be in (0, 1), got {self.split_test}")
+        if self.dp_epsilon is not None:
+            from ctredge.train.dp import check_settings
+
+            check_settings(self.dp_epsilon, self.dp_delta, self.dp_clip)
+            if isinstance(self.dp_batch_size, bool) or not isinstance(self.dp_batch_size, int) or self.dp_batch_size < 1:
+                raise ConfigError(f"train: dp_batch_size must be an integer >= 1, got {self.dp_batch_size!r}")
+            if not self.dp_learning_rate > 0 or not 0 <= self.dp_momentum < 1:
+                raise ConfigError(f"train: dp_learning_rate must be > 0 and dp_momentum in [0, 1), got "
+                                  f"{self.dp_learning_rate!r} and {self.dp_momentum!r}")
 
 
 def data_plan(cfg: TrainConfig) -> DataPlan:
@@ -111,6 +129,10 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     from ctredge.train.wide import fit_wide
 
     model_cfg = model_cfg or ModelConfig()
+    if cfg.dp_epsilon is not None:
+        from ctredge.train import dp
+
+        cfg, model_cfg = dp.private_configs(cfg, model_cfg)
     spec = resolve_spec(cfg.data[0], cfg.spec, buckets=cfg.criteo_buckets)
     keras.utils.set_random_seed(cfg.seed)
     plan = data_plan(cfg)
@@ -135,9 +157,16 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         set_remap(model, remap)
     fill_data_layers(model, spec, train_rows, skip_bad_rows=cfg.skip_bad_rows)
     wide = fit_wide(model, spec, train_rows, valid)
-    compile_ctr(model, learning_rate_schedule(cfg, n_train))
-    fitted = fit(model, ds, valid, epochs=cfg.epochs, patience=cfg.patience, verbose=cfg.verbose,
-                 say=_epoch_line if cfg.verbose else None)
+    if cfg.dp_epsilon is not None:
+        compile_ctr(model, cfg.dp_learning_rate, optimizer=dp.optimizer(cfg))
+    else:
+        compile_ctr(model, learning_rate_schedule(cfg, n_train))
+    dp_record = None
+    if cfg.dp_epsilon is not None:
+        fitted, dp_record = dp.train_private(model, held, cfg, say=_epoch_line if cfg.verbose else None)
+    else:
+        fitted = fit(model, ds, valid, epochs=cfg.epochs, patience=cfg.patience, verbose=cfg.verbose,
+                     say=_epoch_line if cfg.verbose else None)
     metrics = {
         **score(model, valid, test), "test_rows": len(test), "valid_rows": len(valid), "train_rows": n_train,
         "epochs": fitted.epochs, "best_epoch": fitted.best_epoch or fitted.epochs,
@@ -148,6 +177,8 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     }
     if wide is not None:
         metrics["wide"] = wide
+    if dp_record is not None:
+        metrics["dp"] = dp_record
     truth = _truth_for(cfg.data[0])
     if truth is not None:
         metrics["bayes_auc_file"] = truth.get("bayes_auc")
