@@ -50,7 +50,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -216,7 +216,7 @@ def _onnx_spec_and_kind(path: str) -> tuple[FeatureSpec | None, str | None]:
 def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.PathLike[str] | None,
                    data_path: str | os.PathLike[str], *, bootstrap: int = 200, seed: int = 0,
                    max_rows: int | None = None, confidence: float = 0.95,
-                   with_baselines: bool = False) -> dict[str, Any]:
+                   with_baselines: bool = False, dp_trained: Sequence[str] = ()) -> dict[str, Any]:
     """Score the full model and every repository variant on the same labelled rows.
 
     Takes the model repository, the trained artifact folder (or None), the data
@@ -278,18 +278,25 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
         figures = "computed"
     _add_unwritten(rows, index_by)
     base = None
-    if with_baselines:
-        from ctredge.benchmarks.baselines import baselines
-
+    ref_pred = None
+    if with_baselines or dp_trained:
         ref_pred = preds.get(reference)
         if ref_pred is None and reference == FULL_MODEL:
             ref_pred = _keras_predictions(trained_dir, batch)
+    if with_baselines:
+        from ctredge.benchmarks.baselines import baselines
+
         base = baselines(manifest, spec, batch, reference=ref_pred, reference_name=reference if ref_pred is not None
                          else None, bootstrap=bootstrap, seed=seed, confidence=confidence,
                          rows_source=info["rows_source"])
         rows.extend(base.pop("rows"))
         if base["status"] != "measured":
             log.info("accuracy: baselines not measured: %s", base["reason"])
+    if dp_trained:
+        from ctredge.benchmarks.dp import dp_rows
+
+        rows.extend(dp_rows(dp_trained, batch, ref_pred, manifest, bootstrap=bootstrap, seed=seed,
+                            confidence=confidence))
     rows.sort(key=lambda r: (r["name"] != reference, model_order(r["name"])))
     fp32_bytes = next((m["bytes"] for m in models if m["name"] == FP32_MODEL), None)
     for row in rows:
@@ -299,7 +306,7 @@ def accuracy_table(repository: str | os.PathLike[str], trained_dir: str | os.Pat
         row["published"] = e.get("published")
         row.setdefault("index_dauc", e.get("dauc"))
         row["x_fp32_bytes"] = (row["bytes"] / fp32_bytes) if (fp32_bytes and row.get("bytes")) else None
-        if "auc" in row and row.get("kind") != "baseline":
+        if "auc" in row and row.get("kind") not in ("baseline", "dp"):
             log.info("accuracy: %-17s AUC %.5f  dAUC %+.5f [%+.5f, %+.5f]  logloss %.5f  calib %.3f  %s bytes",
                      row["name"], row["auc"], row["dauc"], *row["dauc_ci"], row["logloss"], row["calibration"],
                      f"{row['bytes']:,}")

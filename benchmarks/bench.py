@@ -86,6 +86,7 @@ class BenchConfig:
     pin: bool = True
     warmup_s: float = 0.5
     rounds: int | None = None  # interleaved rounds per gRPC cell; None: 2 (quick) or 3 (full)
+    dp_trained: tuple[str, ...] = ()  # DP-SGD train artifacts scored beside the full model (accuracy section)
 
     def resolved(self, available: Sequence[str]) -> "BenchConfig":
         """Fill the defaults that depend on ``--full`` and on the repository's models."""
@@ -416,7 +417,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
         _section(results, "accuracy", lambda: accuracy_table(cfg.repository, cfg.trained, cfg.data,
                                                              bootstrap=cfg.bootstrap, seed=cfg.seed,
-                                                             with_baselines="baselines" in want))
+                                                             with_baselines="baselines" in want,
+                                                             dp_trained=cfg.dp_trained))
     if "inproc" in want:
         from ctredge.benchmarks.inproc import inproc_latency_isolated
 
@@ -485,6 +487,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sections to skip: accuracy,baselines,inproc,grpc,footprint,peer,perf_analyzer,gpu,"
                         "explain")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and clients to cores")
+    p.add_argument("--dp-trained", default="",
+                   help="comma-separated DP-SGD train artifacts (ctredge train --dp-epsilon) to score beside the "
+                        "full model on the same rows: their AUC cost, epsilon and training rows/s cost")
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap resamples for the dAUC interval")
 
 
@@ -510,6 +515,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        full=args.full, models=tuple(args.models.split(",")) if args.models else None,
                        seconds=args.seconds, inproc_seconds=args.inproc_seconds, concurrency=concurrency,
                        kinds=kinds, ranking_rows=args.rows, rounds=args.rounds,
+                       dp_trained=tuple(d for d in args.dp_trained.split(",") if d),
                        batching=batching, providers=tuple(args.providers.split(",")),
                        peer=None if args.peer == "none" else args.peer if args.peer else (None if not args.full
                                                                                          else "pytriton"),

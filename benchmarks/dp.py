@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from ctredge.tables import markdown_table
 
 log = logging.getLogger("ctredge.benchmarks")
@@ -92,6 +94,82 @@ def run_dp(data: str, out: str, epsilons: Sequence[float], *, epochs: int = 1, b
     (root / "dp.json").write_text(json.dumps(result, indent=2))
     (root / "dp.md").write_text(table(result) + "\n")
     return result
+
+
+def _rows_per_s(manifest: dict[str, Any]) -> float | None:
+    """Training rows x epochs / training seconds (validation scoring included), from a train manifest."""
+    m = manifest.get("metrics") or {}
+    seconds = m.get("train_seconds")
+    return m["train_rows"] * m["epochs"] / seconds if seconds and m.get("train_rows") else None
+
+
+def _same_split(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Why two train manifests' test rows differ (files, split seed or fractions), or None when they are the same."""
+    from ctredge.dataplan import DataPlan
+
+    pa, pb = DataPlan.from_manifest(a.get("data")), DataPlan.from_manifest(b.get("data"))
+    if [f.sha256 for f in pa.files] != [f.sha256 for f in pb.files]:
+        return "trained on other files"
+    sa, sb = pa.split, pb.split
+    if (sa is None) != (sb is None) or (sa is not None and (sa.seed, sa.valid, sa.test) != (sb.seed, sb.valid, sb.test)):
+        return "another train/valid/test split"
+    return None
+
+
+def dp_rows(dirs: Sequence[str], batch: Any, reference: Any, reference_manifest: dict[str, Any] | None, *,
+            bootstrap: int = 200, seed: int = 0, confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Accuracy-table rows (``kind: "dp"``) of DP-SGD artifacts scored on the accuracy section's rows.
+
+    Takes the DP ``train`` artifact folders, the rows (a :class:`~ctredge.reader.Batch`
+    hashed with the reference's spec), the reference's predictions on them (for
+    the paired dAUC; None: no dAUC), the reference's train manifest (for the
+    rows/s cost and to check the DP artifact holds out the same test rows) and the
+    bootstrap settings.  A folder that is not a DP artifact, holds out other rows
+    or fails to score is a row with ``scored: False`` and its ``error``.
+    """
+    from ctredge import metrics as M
+    from ctredge.artifacts import read_manifest
+    from ctredge.train.loop import keras_predict
+    from ctredge.train.train import load_trained
+
+    base_rps = _rows_per_s(reference_manifest) if reference_manifest else None
+    rows = []
+    for d in dirs:
+        t0 = time.perf_counter()
+        path = Path(d)
+        row: dict[str, Any] = {"name": path.name, "kind": "dp", "version": None, "path": str(path / "model.keras"),
+                               "bytes": None, "scored": False}
+        try:
+            manifest = read_manifest(path, stage="train")
+            dp = (manifest.get("metrics") or {}).get("dp")
+            if not dp:
+                raise ValueError(f"{path} was not trained with DP-SGD (no metrics.dp in its manifest)")
+            why = _same_split(manifest, reference_manifest) if reference_manifest else None
+            if why:
+                raise ValueError(f"{path} holds out other test rows than the reference ({why})")
+            model, spec, _ = load_trained(path)
+            p = np.asarray(keras_predict(model, batch.feeds), dtype=np.float64)
+            s = M.summary(batch.labels, p)
+            row.update({k: s[k] for k in ("auc", "logloss", "calibration", "mean_prediction", "click_rate",
+                                         "normalized_entropy")})
+            if reference is not None:
+                delta = M.paired_bootstrap_auc_delta(batch.labels, np.asarray(reference, np.float64), p,
+                                                     resamples=bootstrap, confidence=confidence, seed=seed)
+                row.update(dauc=delta.delta, dauc_ci=[delta.low, delta.high],
+                           pct_of_full_auc=100.0 * s["auc"] / (s["auc"] - delta.delta))
+            rps = _rows_per_s(manifest)
+            row.update(scored=True, bytes=(path / "model.keras").stat().st_size,
+                       quantization=f"none (Keras, DP-SGD eps {dp['epsilon']:.2f})", dp=dp,
+                       train_rows_per_s=rps, train_slowdown=(base_rps / rps) if base_rps and rps else None,
+                       model=manifest.get("extra", {}).get("model"))
+            log.info("accuracy: %-17s AUC %.5f (DP-SGD eps %.3f, delta %.0e, clip %g, sigma %.3f)", row["name"],
+                     row["auc"], dp["epsilon"], dp["delta"], dp["clip"], dp["noise_multiplier"])
+        except Exception as exc:  # one artifact's failure is reported, the others still run
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("accuracy: %s not scored: %s", path, row["error"])
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    return rows
 
 
 def table(result: dict[str, Any]) -> str:

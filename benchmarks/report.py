@@ -246,7 +246,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if acc:
         ref = acc.get("reference")
         variants = [m for m in acc.get("models", []) if m.get("name") != ref
-                    and m.get("kind") not in ("keras", "baseline")]
+                    and m.get("kind") not in ("keras", "baseline", "dp")]
         if ref != "keras-full":
             t1 += f" (reference: {ref})"
         for m in variants:
@@ -355,7 +355,7 @@ def _summary(results: dict[str, Any]) -> str:
             c64 = _int(g64.get("predictions_per_s")) + (f" ({r:.2f}x)" if r is not None and not _is_floor(g64)
                                                         else "") + (" *" if g64.get("client_saturated") else "")
         label = f"{FLOOR_MODEL} (no-op)" if name == FLOOR_MODEL else \
-            f"{name} (baseline)" if a.get("kind") == "baseline" else name
+            f"{name} (baseline)" if a.get("kind") == "baseline" else f"{name} (DP)" if a.get("kind") == "dp" else name
         body.append([label, _int(size),
                      _f(_ratio(size, fp32_bytes), "{:.3f}"), _f(a.get("auc"), "{:.5f}"), dauc,
                      _f(a.get("pct_of_full_auc"), "{:.3f}%"), line99,
@@ -405,6 +405,7 @@ def _accuracy_md(results: dict[str, Any]) -> str:
         lines.append(f"Budget of `compress all`: dAUC >= -{acc['budget']} (verdict column, from index.json).")
     lines.append(_baselines_line(acc))
     body = []
+    dp = [m for m in acc.get("models", []) if m.get("kind") == "dp"]
     for m in acc.get("models", []):
         budget = m.get("verdict") or (NA if m.get("within_budget") is None else
                                       ("within" if m["within_budget"] else "OVER"))
@@ -417,6 +418,8 @@ def _accuracy_md(results: dict[str, Any]) -> str:
                          _f(m.get("normalized_entropy"), "{:.4f}"), _f(m.get("calibration"), "{:.3f}"),
                          _f(m.get("mean_prediction"), "{:.4f}"), _f(m.get("click_rate"), "{:.4f}"), NA])
             continue
+        if m.get("kind") == "dp":
+            budget = NA
         if not m.get("scored", True) or _num(m.get("auc")) is None:
             body.append([m["name"], m.get("quantization") or NA, _int(m.get("bytes")), _f(m.get("x_fp32_bytes")),
                          f"not scored ({m.get('error', '')})"] + [NA] * 9 + [budget])
@@ -431,7 +434,30 @@ def _accuracy_md(results: dict[str, Any]) -> str:
                      _f(m.get("mean_prediction"), "{:.4f}"), _f(m.get("click_rate"), "{:.4f}"), budget])
     header = ["model", "quantization", "bytes", "x fp32", "AUC", "dAUC [95% CI]", "% of full", ">= 99%",
               ">= 99.9%", "logloss", "NE", "calibration", "pred. rate", "obs. rate", "budget"]
-    return "\n".join(f"- {x}" for x in lines) + "\n\n" + _table(header, body, "llrrrlrllrrrrrl")
+    text = "\n".join(f"- {x}" for x in lines) + "\n\n" + _table(header, body, "llrrrlrllrrrrrl")
+    return text + (_dp_md(dp, acc) if dp else "")
+
+
+def _dp_md(dp: list[dict[str, Any]], acc: dict[str, Any]) -> str:
+    """The privacy settings, the AUC cost and the training rows/s cost of the DP-SGD rows of the accuracy table."""
+    body = []
+    for m in dp:
+        d = m.get("dp") or {}
+        if not m.get("scored"):
+            body.append([m["name"], f"not scored ({m.get('error', '')})"] + [NA] * 9)
+            continue
+        ci = m.get("dauc_ci") or [None, None]
+        dauc = NA if _num(m.get("dauc")) is None else \
+            f"{m['dauc']:+.5f} [{_f(ci[0], '{:+.5f}')}, {_f(ci[1], '{:+.5f}')}]"
+        body.append([m["name"], _f(m.get("auc"), "{:.5f}"), dauc, _f(d.get("epsilon"), "{:.3f}"),
+                     _f(d.get("delta"), "{:.0e}"), _f(d.get("clip"), "{:g}"), _f(d.get("noise_multiplier"), "{:.3f}"),
+                     _int(d.get("steps")), _f(d.get("q"), "{:.4f}"), _int(m.get("train_rows_per_s")),
+                     _f(m.get("train_slowdown"), "{:.1f}x")])
+    return ("\n\nDP-SGD models (`ctredge train --dp-epsilon E`; README, Differential privacy), scored on the same "
+            f"rows; dAUC against {acc.get('reference')}; rows/s = training rows x epochs / training seconds, and "
+            "its cost against the reference's training:\n\n" + _table(
+                ["model", "AUC", "dAUC [95% CI]", "epsilon", "delta", "clip", "noise mult.", "steps", "q",
+                 "train rows/s", "slower"], body, "lrlrrrrrrrr"))
 
 
 def _baselines_line(acc: dict[str, Any]) -> str:

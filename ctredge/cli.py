@@ -98,6 +98,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _epsilons(text: str) -> tuple[float, ...]:
+    """``--dp-epsilons``: comma-separated numbers > 0, or ``none``/empty for none."""
+    from ctredge.errors import ConfigError
+
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--dp-epsilons: expected comma-separated numbers > 0 or 'none', got {text!r}") from None
+    if not all(v > 0 and v < float("inf") for v in values):
+        raise ConfigError(f"--dp-epsilons: expected comma-separated numbers > 0 or 'none', got {text!r}")
+    return values
+
+
 def _dp_settings(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig's dp_* fields from --dp-epsilon/--dp-delta/--dp-clip (delta or clip alone are refused)."""
     from ctredge.errors import ConfigError
@@ -199,7 +214,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     run_pipeline(PipelineConfig(out=args.out, rows=args.rows, seed=args.seed, models=tuple(args.models.split(",")),
                                 epochs=args.epochs, force=args.force, skip_compress=args.skip_compress,
                                 skip_bench=args.skip_bench, full=args.full, bench_seconds=args.bench_seconds,
-                                ceiling=not args.no_ceiling, eval_data=args.eval_data),
+                                ceiling=not args.no_ceiling, eval_data=args.eval_data,
+                                dp_epsilons=_epsilons(args.dp_epsilons)),
                  progress=_progress_bar("datagen"))
     return 0
 
@@ -398,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip datagen's learnable ceiling (a logistic regression, about a minute on 200k rows)")
     pl.add_argument("--eval-data", help="judge the variants on this held-out file of the same world "
                                         "(ctredge datagen --seed S --sample-seed T), e.g. 1M rows")
+    pl.add_argument("--dp-epsilons", default="1,3,8",
+                    help="DP-SGD models of the first architecture, one per epsilon, scored beside the full model "
+                         "in the bench's accuracy table (comma-separated; 'none' for none)")
     pl.set_defaults(func=cmd_pipeline)
 
     sv = sub.add_parser("serve", help="serve a model repository over gRPC (Open Inference Protocol v2, ONNX Runtime)")

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ctredge.errors import ArtifactError
 from ctredge.tables import index_table, markdown_table, train_table
@@ -47,6 +47,8 @@ class PipelineConfig:
     ceiling: bool = True
     #: a held-out file of the same world to judge the variants on (compress all --eval-data)
     eval_data: str | None = None
+    #: DP-SGD models of the first architecture, one per epsilon, scored in the bench's accuracy table (() = none)
+    dp_epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
 
 
 def run_pipeline(cfg: PipelineConfig, *, progress: Progress | None = None,
@@ -65,6 +67,8 @@ def run_pipeline(cfg: PipelineConfig, *, progress: Progress | None = None,
                                                                          cfg.epochs, cfg.seed, cfg.force))
                                           for name in cfg.models])
     ceiling = ceiling_lines(truth)
+    dp_dirs = [stage_train_dp(data, out / f"trained-{cfg.models[0]}-dp{e:g}", cfg.models[0], e, cfg.seed, cfg.force)
+               for e in cfg.dp_epsilons]
     echo(table)
     echo(ceiling)
     variants = bench = ""
@@ -78,7 +82,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: Progress | None = None,
         if unpublished:
             echo(unpublished)
         if not cfg.skip_bench:
-            summary = stage_bench(out, data, first, cfg)
+            summary = stage_bench(out, data, first, cfg, dp_trained=[str(d) for d in dp_dirs])
             echo(summary)
             bench = (f"## Benchmark (`ctredge bench{' --full' if cfg.full else ''}`)\n\n{summary}\n\n"
                      f"Every table, the plots and the settings: [bench/report.md](bench/report.md).\n")
@@ -86,7 +90,8 @@ def run_pipeline(cfg: PipelineConfig, *, progress: Progress | None = None,
     report.write_text(f"# ctredge pipeline report\n\n`ctredge pipeline --out {cfg.out} --rows {cfg.rows} "
                       f"--seed {cfg.seed} --models {','.join(cfg.models)} --epochs {cfg.epochs}"
                       f"{' --full' if cfg.full else ''}{' --no-ceiling' if not cfg.ceiling else ''}"
-                      f"{' --eval-data ' + cfg.eval_data if cfg.eval_data else ''}`, {time.perf_counter() - t0:.0f} s\n\n"
+                      f"{' --eval-data ' + cfg.eval_data if cfg.eval_data else ''}"
+                      f" --dp-epsilons {','.join(f'{e:g}' for e in cfg.dp_epsilons)}`, {time.perf_counter() - t0:.0f} s\n\n"
                       f"## Training (synthetic data with history)\n\n{table}\n\n{ceiling}\n\n{variants}\n{bench}")
     echo(f"report: {report} ({time.perf_counter() - t0:.0f} s)")
     return report
@@ -170,6 +175,37 @@ def stage_train(data: Path, out: Path, model: str, epochs: int, seed: int, force
     return train(cfg, ModelConfig(model=model))
 
 
+#: DP-SGD epochs of the pipeline's DP models (the epoch count the DP settings were chosen at)
+DP_EPOCHS = 1
+
+
+def stage_train_dp(data: Path, out: Path, model: str, epsilon: float, seed: int, force: bool) -> Path:
+    """Train ``model`` with DP-SGD to ``epsilon`` (TrainConfig's other DP settings) into ``out``, or reuse it.
+
+    Reused when its verified manifest says the same file content, architecture, epsilon and epochs.
+    Returns ``out``.
+    """
+    from ctredge.dataplan import DataFile, DataPlan
+    from ctredge.train.models import ModelConfig
+    from ctredge.train.train import TrainConfig, train
+
+    if not force and out.exists():
+        try:
+            manifest = _read_train_manifest(out)
+            same = ([f.sha256 for f in DataPlan.from_manifest(manifest["data"]).files] == [DataFile.of(data).sha256]
+                    and manifest["config"]["train"]["epochs"] == DP_EPOCHS and manifest["extra"]["model"] == model
+                    and manifest["config"]["train"].get("dp_epsilon") == epsilon)
+            if same:
+                log.info("reusing %s (manifest verified)", out)
+                return out
+        except (ArtifactError, KeyError) as exc:
+            log.info("retraining %s: %s", out, exc)
+    log.info("train: %s with DP-SGD, epsilon %g -> %s", model, epsilon, out)
+    train(TrainConfig(data=(str(data),), out=str(out), epochs=DP_EPOCHS, seed=seed, dp_epsilon=float(epsilon),
+                      verbose=1 if sys.stdout.isatty() else 2), ModelConfig(model=model))
+    return out
+
+
 def _read_train_manifest(folder: Path) -> dict[str, Any]:
     from ctredge.artifacts import read_manifest
 
@@ -190,15 +226,16 @@ def stage_compress(trained_dir: Path, repo: Path, force: bool, *, eval_data: str
     return compress_all(trained_dir, repo, CompressConfig(eval_data=eval_data), force=force)
 
 
-def stage_bench(out: Path, data: Path, first: str, cfg: PipelineConfig) -> str:
-    """``ctredge bench`` of the pipeline's repository; returns the summary table."""
+def stage_bench(out: Path, data: Path, first: str, cfg: PipelineConfig, *, dp_trained: Sequence[str] = ()) -> str:
+    """``ctredge bench`` of the pipeline's repository (and the DP models beside it); returns the summary table."""
     from ctredge.benchmarks.bench import BenchConfig, run_bench
     from ctredge.benchmarks.report import summary_table
 
     bench = BenchConfig(repository=str(out / "repository"), data=str(data), out=str(out / "bench"),
-                        trained=str(out / f"trained-{first}"), full=cfg.full, seconds=cfg.bench_seconds)
+                        trained=str(out / f"trained-{first}"), full=cfg.full, seconds=cfg.bench_seconds,
+                        dp_trained=tuple(dp_trained))
     return summary_table(run_bench(bench))
 
 
-__all__ = ["PipelineConfig", "run_pipeline", "stage_datagen", "stage_train", "stage_compress", "stage_bench",
+__all__ = ["PipelineConfig", "run_pipeline", "stage_datagen", "stage_train", "stage_train_dp", "stage_compress", "stage_bench",
            "ceiling_lines", "not_published"]
