@@ -172,6 +172,16 @@ def test_dp_training_writes_the_dp_record_and_exports_to_onnx(tiny, tmp_path):
     assert 0 < manifest["metrics"]["test_auc"] < 1
     exported = export(tmp_path / "dp", tmp_path / "onnx")
     assert (tmp_path / "onnx" / "model.onnx").is_file() and exported["stage"] == "export"
+    # the bench's DP rows: the DP artifact scored with its record, anything else a row with the reason
+    from ctredge.benchmarks.dp import dp_rows
+    from ctredge.features import FeatureSpec
+    from ctredge.reader import read_all
+
+    rows = read_all(path, FeatureSpec.load(str(tmp_path / "dp" / "feature_spec.json")))
+    scored, other = dp_rows([str(tmp_path / "dp"), str(tmp_path / "onnx")], rows, None, manifest, bootstrap=10)
+    assert scored["scored"] and scored["kind"] == "dp" and scored["dp"] == d and 0 < scored["auc"] < 1
+    assert scored["train_slowdown"] == pytest.approx(1.0) and "dauc" not in scored
+    assert not other["scored"] and "train" in other["error"]
     # pruning a DP parent neither fine-tunes nor counts on its training rows, and carries the parent's record
     from ctredge.compress.prune import PruneConfig, prune
 
