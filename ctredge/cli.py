@@ -45,7 +45,7 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     truth = generate(args.out, rows=args.rows, seed=args.seed, history=args.history,
                      click_rate=args.click_rate, progress=_progress_bar("datagen"), sample_seed=args.sample_seed,
-                     split_seed=args.split_seed, ceiling=args.ceiling)
+                     split_seed=args.split_seed, ceiling=args.ceiling, text=args.text)
     shown = {k: truth[k] for k in ("rows", "seed", "sample_seed", "click_rate", "bayes_auc", "bayes_logloss")
              if k in truth}
     if "test" in truth.get("scopes", {}):
@@ -54,6 +54,8 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     if "ceiling" in truth:
         c = truth["ceiling"]
         shown["ceiling"] = {k: c[k] for k in ("status", "reason", "test_auc", "test_logloss", "C", "seconds") if k in c}
+    if "text" in truth:
+        shown["text"] = {k: truth["text"][k] for k in ("relevant_rows", "bayes_auc_without_text_term")}
     shown["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(shown, indent=2))
     return 0
@@ -265,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the default train part and score it on the test part")
     d.add_argument("--out", required=True, help="FILE.tsv")
     d.add_argument("--history", action="store_true", help="add the behaviour-history column")
+    d.add_argument("--text", action="store_true",
+                   help="add the item title and search query columns; query-title relevance adds click signal "
+                        "the ids do not carry (README: Text semantics)")
     d.add_argument("--click-rate", type=float, default=0.03)
     d.set_defaults(func=cmd_datagen)
 
