@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         spec=args.spec, criteo_buckets=args.buckets, epochs=args.epochs,
         patience=args.patience, seed=args.seed,
         split_valid=args.split_valid, split_test=args.split_test, skip_bad_rows=args.skip_bad_rows,
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=1 if sys.stdout.isatty() else 2, text=not args.no_text, text_encoder=args.text_encoder or "",
         **{k: v for k, v in (("min_count", args.min_count), ("batch_size", args.batch_size),
                                           ("learning_rate", args.learning_rate),
                                           ("lr_decay_epochs", args.lr_decay_epochs)) if v is not None},
@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split-valid", type=float, default=0.1)
     t.add_argument("--split-test", type=float, default=0.1)
     t.add_argument("--skip-bad-rows", action="store_true")
+    t.add_argument("--text-encoder", help="encoder folder (model.onnx + tokenizer.json, python -m "
+                   "ctredge.export.text_encoder) for a spec with text features (datagen --text)")
+    t.add_argument("--no-text", action="store_true",
+                   help="train without the spec's text features (same rows; the text columns are read and dropped)")
     t.add_argument("--min-count", type=int,
                    help="ids seen fewer times in the training rows share their feature's out-of-vocabulary row "
                         "(default: TrainConfig's, 5; 1 keeps every id)")

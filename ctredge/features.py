@@ -203,6 +203,7 @@ class FeatureSpec:
     hash_algorithm: str = HASH_ALGORITHM
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     text: tuple[TextFeature, ...] = ()
+    skip_text: tuple[str, ...] = ()  # text columns of the file this model does not use (read and dropped)
 
     def __post_init__(self) -> None:
         if not self.cat and not self.dense:
@@ -244,8 +245,16 @@ class FeatureSpec:
         return tuple(t for t in self.text if t.source == "request")
 
     def without_text(self) -> "FeatureSpec":
-        """The same spec with no text features (the model without them; the reader then skips no column)."""
-        return dataclasses.replace(self, text=())
+        """The same spec with no text features: a model without them, on the same files.
+
+        Its ``skip_text`` names the text columns, so the reader still expects and drops them.
+        """
+        return dataclasses.replace(self, text=(), skip_text=self.skip_text + tuple(t.name for t in self.text))
+
+    @property
+    def n_text_columns(self) -> int:
+        """Text columns at the end of a click-log line: used ones and skipped ones."""
+        return len(self.text) + len(self.skip_text)
 
     @property
     def n_dense(self) -> int:
@@ -262,7 +271,7 @@ class FeatureSpec:
     @property
     def n_columns(self) -> int:
         """Fields per click-log line: label, dense, cat, and history if declared."""
-        return 1 + self.n_dense + self.n_cat + (1 if self.history is not None else 0) + len(self.text)
+        return 1 + self.n_dense + self.n_cat + (1 if self.history is not None else 0) + self.n_text_columns
 
     @property
     def buckets(self) -> np.ndarray:
@@ -361,6 +370,10 @@ class FeatureSpec:
             d["text"] = [dataclasses.asdict(f) for f in self.text]
         else:
             del d["text"]   # specs without text read and write as before
+        if self.skip_text:
+            d["skip_text"] = list(self.skip_text)
+        else:
+            del d["skip_text"]
         return d
 
     def to_json(self) -> str:
@@ -387,8 +400,11 @@ class FeatureSpec:
             text = tuple(_build(TextFeature, d) for d in data.get("text", []))
         except TypeError as exc:
             raise SpecError(f"FeatureSpec: {exc}") from exc
-        rest = {k: v for k, v in data.items() if k not in ("dense", "cat", "history", "text")}
-        return cls(dense=dense, cat=cat, history=history, text=text, **rest)
+        rest = {k: v for k, v in data.items() if k not in ("dense", "cat", "history", "text", "skip_text")}
+        skip = data.get("skip_text", [])
+        if not isinstance(skip, list) or not all(isinstance(n, str) for n in skip):
+            raise SpecError(f"FeatureSpec: skip_text must be a list of column names, got {skip!r}")
+        return cls(dense=dense, cat=cat, history=history, text=text, skip_text=tuple(skip), **rest)
 
     @classmethod
     def from_json(cls, text: str) -> "FeatureSpec":

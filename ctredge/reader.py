@@ -243,7 +243,7 @@ def _parse_lines(
     n_table = 1 + spec.n_dense + spec.n_cat  # the history column is kept out of the table:
     has_hist = spec.history is not None      # it is far wider than the other fields
     min_fields = 1 + spec.n_dense + (1 if spec.n_cat else 0)
-    n_text = len(spec.text)                  # the text columns come last, also kept out of the table
+    n_text = spec.n_text_columns             # the text columns come last, also kept out of the table
     rows: list[list[bytes]] = []
     hists: list[bytes] = []
     texts: list[list[bytes]] = []
@@ -260,7 +260,7 @@ def _parse_lines(
             fields.extend(pad[: n_fields - k])
             stats.padded_lines += 1
         if n_text:
-            texts.append(fields[-n_text:])
+            texts.append(fields[len(fields) - n_text:len(fields) - n_text + len(spec.text)])
             del fields[-n_text:]
         if has_hist:
             hists.append(fields.pop())
@@ -289,9 +289,9 @@ def _parse_lines(
     if has_hist:
         hist_raw = [[v for v in h.split(b",") if v] if h else [] for h in hists]
     text_raw = None
-    if n_text:
-        text_raw = np.empty((len(texts), n_text), dtype=object)
-        text_raw[:] = texts if texts else np.empty((0, n_text), dtype=object)
+    if spec.text:
+        text_raw = np.empty((len(texts), len(spec.text)), dtype=object)
+        text_raw[:] = texts if texts else np.empty((0, len(spec.text)), dtype=object)
     return RawChunk(labels, dense, cat_raw, hist_raw, lines_arr, text_raw=text_raw)
 
 
