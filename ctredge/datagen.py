@@ -57,8 +57,8 @@ the title to the query (:class:`_TextWorld`).  Each item has a product concept
 *title words*.  A search row's query asks for one concept of the intent category,
 maybe a colour and an audience, in *query words*: synonyms that share no word
 with the title words ("trainers" / "running shoes", "scarlet" / "crimson").  The
-relevance (0 when the concept differs; else the share of the asked attributes
-the item has, 0.4 + 0.6 x share) is in no id column and no word the two strings
+relevance (0 when the concept differs; else 0.7 + 0.3 x the share of the asked
+attributes the item has) is in no id column and no word the two strings
 share: a sentence encoder can see it, word ids or hashed tokens cannot.  Its
 draws come from their own random streams, so the other columns of a ``--text``
 file are those of the same file without it, and without ``--text`` nothing
@@ -158,7 +158,7 @@ class WorldParams:
     intent_boost: float = 0.8
     repeat_boost: float = 0.6
     retarget_rate: float = 0.06
-    text_relevance: float = 1.6          # times the query-title relevance in [0, 1] (search rows, --text)
+    text_relevance: float = 2.0          # times the query-title relevance in [0, 1] (search rows, --text)
 
 
 # --------------------------------------------------------------------- raw values
@@ -433,7 +433,7 @@ class _TextWorld:
         asked = (colour >= 0).astype(np.float64) + (audience >= 0)
         had = (colour == self.item_colour[item]).astype(np.float64) + (audience == self.item_audience[item])
         share = np.where(asked > 0, had / np.maximum(asked, 1), 1.0)
-        relevance = np.where(search & (concept == self.item_concept[item]), 0.4 + 0.6 * share, 0.0)
+        relevance = np.where(search & (concept == self.item_concept[item]), 0.7 + 0.3 * share, 0.0)
         text = []
         for r in np.flatnonzero(search).tolist():
             a, b, d = forms[r].tolist()

@@ -1,0 +1,215 @@
+"""Text semantics end to end: what the title and query add in AUC, and what the raw query costs in latency.
+
+``python -m ctredge.benchmarks.text --out OUT [--rows 200000] [--epochs 2]`` (``make text``; needs the
+``text`` extra for the encoder's export):
+
+1. ``ctredge datagen --text --history`` rows into ``OUT/data/text.tsv`` (seed ``--seed``);
+2. the encoder, all-MiniLM-L6-v2, exported and validated against sentence-transformers
+   (:mod:`ctredge.export.text_encoder`) into ``OUT/repo/text-encoder/1`` (kept when its manifest verifies);
+3. two DCN-v2 models trained by ``ctredge train`` on the same file, split and seed: ``plain``
+   (``--no-text``: the text columns are read and dropped) and ``text`` (title table + query
+   embedding), each exported (validated against Keras) into ``OUT/repo/ctr-plain/1`` and
+   ``OUT/repo/ctr-text/1``; ``ctr-text``'s ``config.json`` names ``text-encoder``;
+4. **AUC**: both models' test AUC and logloss on the same test rows (``ctredge train``'s),
+   beside the file's Bayes AUC with and without the text term;
+5. **latency**: an in-process server (:class:`~ctredge.serve.server.ServerThread`, gRPC on
+   loopback) and ``tritonclient.grpc``, interleaved call by call after a warm-up, median of
+   ``--calls``: at batch 1 and for a 1 x 256 ranking request (256 candidates, the history and the
+   query sent once), ``ctr-plain`` without text against ``ctr-text`` with the raw query string
+   (tokenized and encoded by the server) and with a precomputed ``query_emb`` (the encoder's
+   share is the difference).  Every call sends another query of the test rows' searches, so
+   nothing is cached between calls.
+
+Writes ``OUT/text.md`` (the tables and the commands) and ``OUT/text.json``.  The repository
+then serves with ``ctredge serve --repository OUT/repo`` (README: Text semantics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ENCODER = "text-encoder"
+PLAIN, TEXT = "ctr-plain", "ctr-text"
+RANKING = 256
+
+
+def _encoder(repo: Path) -> dict[str, Any]:
+    """Export the encoder into ``repo/text-encoder/1`` unless a verified export is there; its manifest."""
+    from ctredge.artifacts import read_manifest
+    from ctredge.errors import ArtifactError
+    from ctredge.export.text_encoder import export_encoder
+
+    folder = repo / ENCODER / "1"
+    try:
+        return read_manifest(folder)
+    except (ArtifactError, OSError):
+        return export_encoder(folder)
+
+
+def _train_and_export(data: str, out: Path, repo: Path, *, text: bool, epochs: int, seed: int) -> dict[str, Any]:
+    """``ctredge train`` (with or without the text features) then export into ``repo/<name>/1``."""
+    from ctredge.export.onnx import ExportConfig, export_model
+    from ctredge.serving_config import ServingConfig, write_serving_config
+    from ctredge.train.train import TrainConfig, load_trained, train
+
+    name = TEXT if text else PLAIN
+    trained = out / f"trained-{name}"
+    cfg = TrainConfig(data=(data,), out=str(trained), epochs=epochs, seed=seed, verbose=2, text=text,
+                      text_encoder=str(repo / ENCODER / "1") if text else "")
+    manifest = train(cfg)
+    model, spec, parent = load_trained(trained)
+    export_model(model, spec, parent, trained, repo / name / "1", ExportConfig(name=name))
+    write_serving_config(repo / name, ServingConfig(text_encoder=ENCODER if text else "",
+                                                    notes="python -m ctredge.benchmarks.text"))
+    return manifest
+
+
+def _median_ms(times: list[int]) -> float:
+    return statistics.median(times) / 1e6
+
+
+def measure_latency(repo: Path, data: str, *, calls: int = 300, warmup: int = 30) -> list[dict[str, Any]]:
+    """Median gRPC latency of plain vs text requests at batch 1 and 1 x 256 (module doc)."""
+    import tritonclient.grpc as tg
+
+    from ctredge.features import FeatureSpec
+    from ctredge.reader import read_all
+    from ctredge.serve.server import ServerThread
+
+    spec = FeatureSpec.load(str(repo / TEXT / "1" / "feature_spec.json"))
+    rows = read_all(data, spec, limit=20_000)
+    queries = [q for q in rows.text["query"].tolist() if q]  # type: ignore[index]
+    feeds = {k: np.ascontiguousarray(v[:RANKING]) for k, v in rows.feeds.items()}
+
+    def inputs(x: dict[str, np.ndarray]) -> list[Any]:
+        out = []
+        for k, v in x.items():
+            dt = "BYTES" if v.dtype == object else ("FP32" if v.dtype == np.float32 else "INT64")
+            i = tg.InferInput(k, list(v.shape), dt)
+            i.set_data_from_numpy(v)
+            out.append(i)
+        return out
+
+    results = []
+    with ServerThread(str(repo), port=0) as srv, tg.InferenceServerClient(srv.url) as client:
+        enc_session = None
+        for batch in (1, RANKING):
+            base = {"dense": feeds["dense"][:batch], "cat": feeds["cat"][:batch], "hist": feeds["hist"][:1]}
+            k = {"n": 0}
+
+            def next_query() -> str:
+                k["n"] += 1
+                return queries[k["n"] % len(queries)]
+
+            def plain() -> None:
+                client.infer(PLAIN, inputs(base))
+
+            def raw() -> None:
+                client.infer(TEXT, inputs({**base, "query": np.array([[next_query().encode()]], dtype=object)}))
+
+            if enc_session is None:
+                from ctredge.textenc import SentenceEncoder
+
+                enc_session = SentenceEncoder(repo / ENCODER / "1")
+            embs = enc_session.encode(queries[:64])
+
+            def emb() -> None:
+                client.infer(TEXT, inputs({**base, "query_emb": embs[k["n"] % 64][None, :]}))
+                k["n"] += 1
+
+            for _ in range(warmup):
+                plain(), raw(), emb()
+            tp, tr, te = [], [], []
+            for _ in range(calls):   # interleaved, so load changes hit all three alike
+                for fn, acc in ((plain, tp), (raw, tr), (emb, te)):
+                    t0 = time.perf_counter_ns()
+                    fn()
+                    acc.append(time.perf_counter_ns() - t0)
+            p, r, e = _median_ms(tp), _median_ms(tr), _median_ms(te)
+            results.append({"batch": batch, "request": "batch 1" if batch == 1 else f"1 x {RANKING} ranking",
+                            "plain_ms": p, "text_raw_query_ms": r, "text_query_emb_ms": e,
+                            "added_raw_ms": r - p, "added_emb_ms": e - p, "calls": calls})
+    return results
+
+
+def table(res: dict[str, Any]) -> str:
+    a = res["auc"]
+    lines = [f"{res['rows']:,} rows (`ctredge datagen --text --history --seed {res['seed']}`), test part of "
+             f"{a['test_rows']:,} rows; DCN-v2, {res['epochs']} epoch(s); {res['cpus']} CPUs",
+             "",
+             "| model | test AUC | test logloss |",
+             "|---|---:|---:|",
+             f"| {PLAIN} (ids, no text) | {a['plain_test_auc']:.4f} | {a['plain_test_logloss']:.5f} |",
+             f"| {TEXT} (+ title table, query embedding) | {a['text_test_auc']:.4f} | {a['text_test_logloss']:.5f} |",
+             f"| difference | {a['text_test_auc'] - a['plain_test_auc']:+.4f} | "
+             f"{a['text_test_logloss'] - a['plain_test_logloss']:+.5f} |",
+             f"| Bayes (true probabilities), all rows | {a['bayes_auc']:.4f} | |",
+             f"| Bayes without the text term, all rows | {a['bayes_auc_without_text_term']:.4f} | |",
+             "",
+             f"encoder validation (ORT vs sentence-transformers, {res['encoder']['sentences']} sentences): max |diff| "
+             f"{res['encoder']['max_abs_diff']:.2g}, min cosine {res['encoder']['min_cosine']:.7f}",
+             "",
+             f"latency through the in-process gRPC server, median of {res['latency'][0]['calls']} interleaved calls "
+             f"(ms)",
+             "",
+             "| request | ctr-plain, no text | ctr-text, raw query | added | ctr-text, query_emb sent | added |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in res["latency"]:
+        lines.append(f"| {r['request']} | {r['plain_ms']:.3f} | {r['text_raw_query_ms']:.3f} | "
+                     f"{r['added_raw_ms']:+.3f} | {r['text_query_emb_ms']:.3f} | {r['added_emb_ms']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    ap = argparse.ArgumentParser(prog="python -m ctredge.benchmarks.text", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=300)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from ctredge.datagen import generate
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    repo = out / "repo"
+    data = str(out / "data" / "text.tsv")
+    truth = generate(data, rows=args.rows, seed=args.seed, history=True, text=True)
+    enc = _encoder(repo)
+    plain = _train_and_export(data, out, repo, text=False, epochs=args.epochs, seed=0)
+    text = _train_and_export(data, out, repo, text=True, epochs=args.epochs, seed=0)
+    pm, tm = plain["metrics"], text["metrics"]
+    res: dict[str, Any] = {
+        "rows": args.rows, "seed": args.seed, "epochs": args.epochs, "cpus": os.cpu_count(),
+        "auc": {"plain_test_auc": pm["test_auc"], "plain_test_logloss": pm["test_logloss"],
+                "text_test_auc": tm["test_auc"], "text_test_logloss": tm["test_logloss"],
+                "test_rows": tm["test_rows"], "bayes_auc": truth["text"]["bayes_auc"],
+                "bayes_auc_without_text_term": truth["text"]["bayes_auc_without_text_term"],
+                "text_encode_seconds": tm.get("text", {}).get("encode_seconds")},
+        "encoder": enc["metrics"]["validation"],
+        "latency": measure_latency(repo, data, calls=args.calls),
+    }
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["command"] = "python -m ctredge.benchmarks.text " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "text.json").write_text(json.dumps(res, indent=1))
+    md = table(res)
+    (out / "text.md").write_text(md + f"\n`{res['command']}` ({res['seconds']} s)\n")
+    print(md)
+    print(f"serve it: ctredge serve --repository {repo} --port 8001 --http-port 8000", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
