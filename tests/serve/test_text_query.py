@@ -206,3 +206,18 @@ def test_encoding_a_query_loads_no_torch_nor_transformers(tmp_path):
             "('torch', 'transformers', 'sentence_transformers', 'tensorflow', 'keras'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_attributions_have_a_query_group_with_no_query_as_baseline(gc, tspec):
+    from ctredge.serve import explain
+
+    assert explain.group_names(tspec)[-1] == "query"
+    feeds = contract_feeds(tspec, 2, seed=10)
+    q = _query("red shoes", "")
+    res = gc.infer("ctr-text", _inputs(tg, {**feeds, "query": q}),
+                   outputs=[tg.InferRequestedOutput("ctr"), tg.InferRequestedOutput("attributions")])
+    attr = res.as_numpy("attributions")
+    with_q = res.as_numpy("ctr").reshape(-1)
+    without = _ctr(gc, "ctr-text", feeds)
+    np.testing.assert_allclose(attr[:, -1], with_q - without, atol=1e-6)
+    assert attr[1, -1] == 0.0    # an empty query is at its baseline already
