@@ -18,7 +18,8 @@
    query sent once), ``ctr-plain`` without text against ``ctr-text`` with the raw query string
    (tokenized and encoded by the server) and with a precomputed ``query_emb`` (the encoder's
    share is the difference).  Every call sends another query of the test rows' searches, so
-   nothing is cached between calls.
+   nothing is cached between calls;
+6. **reach**: :func:`encoder_reach`, how much of the planted relevance the encoder's cosine carries.
 
 Writes ``OUT/text.md`` (the tables and the commands) and ``OUT/text.json``.  The repository
 then serves with ``ctredge serve --repository OUT/repo`` (README: Text semantics).
@@ -110,6 +111,33 @@ def _data(path: str, rows: int, seed: int) -> dict[str, Any]:
     return generate(path, rows=rows, seed=seed, history=True, text=True)
 
 
+def encoder_reach(rows: int, seed: int, encoder_dir: Path) -> dict[str, Any]:
+    """How much of the planted relevance the encoder's cosine can carry, on ``rows`` rows of the same world.
+
+    On the rows' true log-odds without the text term, adding ``w x cosine(query, title)`` (the best
+    ``w`` of a few) gives an AUC between the Bayes AUC without the term and the Bayes AUC with it:
+    what a model that learned the cosine perfectly, and nothing else of the text, would reach.
+    Also the AUC of the cosine for "same concept" among search rows.
+    """
+    from ctredge import metrics
+    from ctredge.datagen import generate_arrays
+    from ctredge.textenc import SentenceEncoder
+
+    a = generate_arrays(rows, seed=seed, text=True)
+    p = a["probs"].astype(np.float64)
+    logit = np.log(p) - np.log1p(-p)
+    without = logit - a["terms"]["text"]
+    enc = SentenceEncoder(encoder_dir, intra_op_threads=min(2, os.cpu_count() or 1))
+    cos = np.sum(enc.encode(a["query"]) * enc.encode(a["title"]), axis=1)
+    y = a["labels"]
+    by_w = {w: metrics.auc(y, without + w * cos) for w in (1.0, 2.0, 3.0, 4.0, 6.0)}
+    best = max(by_w, key=by_w.get)
+    search = np.array([bool(q) for q in a["query"]])
+    return {"rows": rows, "bayes_auc": metrics.auc(y, logit), "bayes_auc_without_text_term": metrics.auc(y, without),
+            "with_cosine_auc": by_w[best], "cosine_weight": best,
+            "cosine_auc_same_concept": metrics.auc((a["relevance"][search] > 0).astype(np.float64), cos[search])}
+
+
 def _median_ms(times: list[int]) -> float:
     return statistics.median(times) / 1e6
 
@@ -192,6 +220,12 @@ def table(res: dict[str, Any]) -> str:
              f"| Bayes (true probabilities), all rows | {a['bayes_auc']:.4f} | |",
              f"| Bayes without the text term, all rows | {a['bayes_auc_without_text_term']:.4f} | |",
              "",
+             f"what the encoder can carry ({res['reach']['rows']:,} rows of the same world): the true log-odds "
+             f"without the text term, AUC {res['reach']['bayes_auc_without_text_term']:.4f}; plus "
+             f"{res['reach']['cosine_weight']:g} x the query-title cosine, {res['reach']['with_cosine_auc']:.4f}; "
+             f"with the text term (Bayes), {res['reach']['bayes_auc']:.4f}; the cosine tells the same concept from "
+             f"another at AUC {res['reach']['cosine_auc_same_concept']:.3f} (search rows)",
+             "",
              f"encoder validation (ORT vs sentence-transformers, {res['encoder']['sentences']} sentences): max |diff| "
              f"{res['encoder']['max_abs_diff']:.2g}, min cosine {res['encoder']['min_cosine']:.7f}",
              "",
@@ -215,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--reach-rows", type=int, default=30_000,
+                    help="rows of encoder_reach (the first rows of the world; no model is involved)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
@@ -236,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "text_encode_seconds": tm.get("text", {}).get("encode_seconds")},
         "encoder": enc["metrics"]["validation"],
         "latency": measure_latency(repo, data, calls=args.calls),
+        "reach": encoder_reach(args.reach_rows, args.seed, repo / ENCODER / "1"),
     }
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["command"] = "python -m ctredge.benchmarks.text " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -196,6 +196,7 @@ def _prepare_text(spec: FeatureSpec, model_cfg: Any, encoder_dir: str, held: Any
     import dataclasses
 
     from ctredge.artifacts import manifest_hash
+    from ctredge.errors import ArtifactError
     from ctredge.textenc import SentenceEncoder
     from ctredge.train.text import add_query_embeddings, title_rows
 
@@ -207,11 +208,12 @@ def _prepare_text(spec: FeatureSpec, model_cfg: Any, encoder_dir: str, held: Any
     embeddings = encoder.encode(titles)
     try:
         manifest_sha = manifest_hash(encoder_dir)
-    except Exception:  # an encoder folder without a manifest (tests build tiny ones)
+    except (ArtifactError, OSError):  # an encoder folder without a manifest (tests build tiny ones)
         manifest_sha = None
     log.info("text: queries encoded in %.1fs, %d titles in %.1fs", t_query, len(ids),
              time.perf_counter() - t0 - t_query)
-    figures = {"encoder": os.path.abspath(encoder_dir), "encoder_manifest_sha256": manifest_sha, "titles": int(len(ids)),
+    figures = {"encoder": os.path.abspath(encoder_dir), "encoder_manifest_sha256": manifest_sha,
+               "titles": int(len(ids)),
                "dim": int(encoder.dim), "encode_seconds": round(time.perf_counter() - t0, 1)}
     return {"ids": ids, "embeddings": embeddings, **figures}, dataclasses.replace(model_cfg, text_rows=len(ids) + 1)
 

@@ -51,7 +51,8 @@ def encoder_model(seed: int = 0):
         n("Gather", ["table", "input_ids"], ["tok"]),
         n("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT), n("Unsqueeze", ["m", "axis_last"], ["m3"]),
         n("Mul", ["tok", "m3"], ["tm"]), n("ReduceSum", ["tm", "axis1"], ["s"], keepdims=0),
-        n("ReduceSum", ["m3", "axis1"], ["c"], keepdims=0), n("Max", ["c", "eps"], ["c1"]), n("Div", ["s", "c1"], ["mean"]),
+        n("ReduceSum", ["m3", "axis1"], ["c"], keepdims=0), n("Max", ["c", "eps"], ["c1"]),
+        n("Div", ["s", "c1"], ["mean"]),
         n("Mul", ["mean", "mean"], ["sq"]), n("ReduceSum", ["sq", "axis_last"], ["ss"], keepdims=1),
         n("Sqrt", ["ss"], ["norm"]), n("Max", ["norm", "eps"], ["norm1"]), n("Div", ["mean", "norm1"], ["embedding"]),
     ]
