@@ -67,8 +67,12 @@ def _reusable(trained: Path, exported: Path, cfg: Any, data_sha256: str) -> dict
         read_manifest(exported)
     except (ArtifactError, OSError):
         return None
+    from ctredge.train.models import ModelConfig
+
     same_rows = [f.get("sha256") for f in manifest.get("data", {}).get("files", [])] == [data_sha256]
-    return manifest if same_rows and manifest["config"].get("train") == config_to_dict(cfg) else None
+    model = {k: v for k, v in manifest["config"].get("model", {}).items() if k != "text_rows"}
+    same_model = model == {k: v for k, v in config_to_dict(ModelConfig()).items() if k != "text_rows"}
+    return manifest if same_rows and same_model and manifest["config"].get("train") == config_to_dict(cfg) else None
 
 
 def _train_and_export(data: str, out: Path, repo: Path, *, text: bool, epochs: int, seed: int,

@@ -60,7 +60,8 @@ class ModelConfig:
     the logit layers then start at zero, so training starts from the regression.
     ``text_rows`` / ``text_proj``: with text features in the spec, the rows of the
     title table (distinct training titles + 1, set by ``ctredge train``) and the
-    width of each text projection (:mod:`ctredge.train.text`).
+    width of each text projection, ``text_cos_scale`` what the query-title cosine is
+    multiplied by before the model sees it (:mod:`ctredge.train.text`).
 
     Raises:
         ConfigError: a value out of range or of the wrong type.
@@ -91,6 +92,7 @@ class ModelConfig:
     wide_edges: int = 15
     text_rows: int = 0
     text_proj: int = 16
+    text_cos_scale: float = 10.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -109,6 +111,9 @@ class ModelConfig:
         _check_int("wide_edges", self.wide_edges, 1)
         _check_int("text_rows", self.text_rows, 0)
         _check_int("text_proj", self.text_proj, 1)
+        if (isinstance(self.text_cos_scale, bool) or not isinstance(self.text_cos_scale, (int, float))
+                or not 0 < self.text_cos_scale <= 1000):
+            raise ConfigError(f"text_cos_scale: expected a number in (0, 1000], got {self.text_cos_scale!r}")
         if (isinstance(self.embedding_lr_scale, bool) or not isinstance(self.embedding_lr_scale, (int, float))
                 or not 0 < self.embedding_lr_scale <= 100):
             raise ConfigError(f"embedding_lr_scale: expected a number in (0, 100], got {self.embedding_lr_scale!r}")
@@ -436,7 +441,7 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
     if spec.text:
         from ctredge.train.text import TEXT_LOGIT, text_vector
 
-        f.text = text_vector(f.inputs, spec, cfg.text_rows, cfg.text_proj)
+        f.text = text_vector(f.inputs, spec, cfg.text_rows, cfg.text_proj, cfg.text_cos_scale)
     if cfg.model == "dcnv2":
         logit = _dcnv2(f, cfg)
     elif cfg.model == "deepfm":
