@@ -19,7 +19,8 @@
    (tokenized and encoded by the server) and with a precomputed ``query_emb`` (the encoder's
    share is the difference).  Every call sends another query of the test rows' searches, so
    nothing is cached between calls;
-6. **reach**: :func:`encoder_reach`, how much of the planted relevance the encoder's cosine carries.
+6. **reach**: :func:`encoder_reach`, how much of the planted relevance the encoder's cosine carries,
+   and :func:`stacked`, what the cosine added to ``ctr-plain`` by a logistic regression gains.
 
 Writes ``OUT/text.md`` (the tables and the commands) and ``OUT/text.json``.  The repository
 then serves with ``ctredge serve --repository OUT/repo`` (README: Text semantics).
@@ -143,6 +144,50 @@ def encoder_reach(rows: int, seed: int, encoder_dir: Path) -> dict[str, Any]:
             "cosine_auc_same_concept": metrics.auc((a["relevance"][search] > 0).astype(np.float64), cos[search])}
 
 
+def stacked(repo: Path, data: str) -> dict[str, Any]:
+    """``ctr-plain``'s test logit + the query-title cosine in a logistic regression, against ``ctr-text``.
+
+    On ``ctredge train``'s default test part of ``data``, two folds (fit on the even rows, scored on
+    the odd ones, and the other way), beside both models' AUC on the same scored rows: what a model
+    that added the cosine, and nothing else of the text, to ``ctr-plain`` would gain.  The two folds
+    also show how much a half of the test part moves the figures.
+    """
+    import onnxruntime as ort
+    from sklearn.linear_model import LogisticRegression
+
+    from ctredge import metrics
+    from ctredge.features import FeatureSpec
+    from ctredge.onnxrt import ort_session_options
+    from ctredge.reader import SplitSpec, read_all
+    from ctredge.textenc import SentenceEncoder
+
+    spec = FeatureSpec.load(str(repo / TEXT / "1" / "feature_spec.json"))
+    rows = read_all(data, spec)
+    test = rows.take(SplitSpec(seed=0, valid=0.1, test=0.1).codes(rows.file_no, rows.line_no) == 2)
+    enc = SentenceEncoder(repo / ENCODER / "1", intra_op_threads=min(2, os.cpu_count() or 1))
+    q = enc.encode(test.text["query"].tolist())  # type: ignore[index]
+    cos = np.sum(q * enc.encode(test.text["title"].tolist()), axis=1)  # type: ignore[index]
+
+    def run(name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        s = ort.InferenceSession(str(repo / name / "1" / "model.onnx"), ort_session_options(),
+                                 providers=["CPUExecutionProvider"])
+        return s.run(["ctr"], {i.name: feeds[i.name] for i in s.get_inputs()})[0].reshape(-1).astype(np.float64)
+
+    p = np.clip(run(PLAIN, test.feeds), 1e-7, 1 - 1e-7)
+    pt = run(TEXT, {**test.feeds, "query_emb": q})
+    y = test.labels
+    x = np.column_stack([np.log(p) - np.log1p(-p), cos])
+    folds = []
+    for scored_parity in (1, 0):
+        score = np.arange(len(y)) % 2 == scored_parity
+        lr = LogisticRegression(C=10.0).fit(x[~score], y[~score])
+        folds.append({"scored": "odd" if scored_parity else "even", "rows": int(score.sum()),
+                      "plain_auc": metrics.auc(y[score], p[score]),
+                      "plain_plus_cosine_auc": metrics.auc(y[score], lr.decision_function(x[score])),
+                      "text_auc": metrics.auc(y[score], pt[score]), "coef": lr.coef_.reshape(-1).tolist()})
+    return {"folds": folds}
+
+
 def _median_ms(times: list[int]) -> float:
     return statistics.median(times) / 1e6
 
@@ -231,6 +276,15 @@ def table(res: dict[str, Any]) -> str:
              f"with the text term (Bayes), {res['reach']['bayes_auc']:.4f}; the cosine tells the same concept from "
              f"another at AUC {res['reach']['cosine_auc_same_concept']:.3f} (search rows)",
              "",
+             f"test AUC on half the test rows: {PLAIN}, a logistic regression on its logit + the cosine (fit on the "
+             f"other half), {TEXT}",
+             "",
+             "| scored rows | ctr-plain | ctr-plain logit + cosine (LR) | ctr-text |",
+             "|---|---:|---:|---:|"]
+    for f in res["stacked"]["folds"]:
+        lines.append(f"| {f['scored']} ({f['rows']:,}) | {f['plain_auc']:.4f} | {f['plain_plus_cosine_auc']:.4f} | "
+                     f"{f['text_auc']:.4f} |")
+    lines += ["",
              f"encoder validation (ORT vs sentence-transformers, {res['encoder']['sentences']} sentences): max |diff| "
              f"{res['encoder']['max_abs_diff']:.2g}, min cosine {res['encoder']['min_cosine']:.7f}",
              "",
@@ -278,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "encoder": enc["metrics"]["validation"],
         "latency": measure_latency(repo, data, calls=args.calls),
         "reach": encoder_reach(args.reach_rows, args.seed, repo / ENCODER / "1"),
+        "stacked": stacked(repo, data),
     }
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["command"] = "python -m ctredge.benchmarks.text " + " ".join(sys.argv[1:] if argv is None else argv)
