@@ -398,8 +398,8 @@ class CtrSignature(_Header):
         """
         _check_names(tensors, list(self._by_name))
         for name, arr in tensors.items():
-            alt = ((-1,),) if name == INPUT_HIST_RAW or self._by_name[name].datatype == "BYTES" and name in self._text \
-                else ()
+            raw_text = name in self._text and self._by_name[name].datatype == "BYTES"
+            alt = ((-1,),) if name == INPUT_HIST_RAW or raw_text else ()
             check_tensor(self._by_name[name], arr, alt_shapes=alt)
         kinds = self._kinds
         used = {k: self._forms(tensors, k) for k in kinds}
