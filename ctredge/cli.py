@@ -45,7 +45,7 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     truth = generate(args.out, rows=args.rows, seed=args.seed, history=args.history,
                      click_rate=args.click_rate, progress=_progress_bar("datagen"), sample_seed=args.sample_seed,
-                     split_seed=args.split_seed, ceiling=args.ceiling)
+                     split_seed=args.split_seed, ceiling=args.ceiling, text=args.text)
     shown = {k: truth[k] for k in ("rows", "seed", "sample_seed", "click_rate", "bayes_auc", "bayes_logloss")
              if k in truth}
     if "test" in truth.get("scopes", {}):
@@ -54,6 +54,8 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     if "ceiling" in truth:
         c = truth["ceiling"]
         shown["ceiling"] = {k: c[k] for k in ("status", "reason", "test_auc", "test_logloss", "C", "seconds") if k in c}
+    if "text" in truth:
+        shown["text"] = {k: truth["text"][k] for k in ("relevant_rows", "bayes_auc_without_text_term")}
     shown["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(shown, indent=2))
     return 0
@@ -77,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         spec=args.spec, criteo_buckets=args.buckets, epochs=args.epochs,
         patience=args.patience, seed=args.seed,
         split_valid=args.split_valid, split_test=args.split_test, skip_bad_rows=args.skip_bad_rows,
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=1 if sys.stdout.isatty() else 2, text=not args.no_text, text_encoder=args.text_encoder or "",
         **{k: v for k, v in (("min_count", args.min_count), ("batch_size", args.batch_size),
                                           ("learning_rate", args.learning_rate),
                                           ("lr_decay_epochs", args.lr_decay_epochs)) if v is not None},
@@ -300,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the default train part and score it on the test part")
     d.add_argument("--out", required=True, help="FILE.tsv")
     d.add_argument("--history", action="store_true", help="add the behaviour-history column")
+    d.add_argument("--text", action="store_true",
+                   help="add the item title and search query columns; query-title relevance adds click signal "
+                        "the ids do not carry (README: Text semantics)")
     d.add_argument("--click-rate", type=float, default=0.03)
     d.set_defaults(func=cmd_datagen)
 
@@ -322,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split-valid", type=float, default=0.1)
     t.add_argument("--split-test", type=float, default=0.1)
     t.add_argument("--skip-bad-rows", action="store_true")
+    t.add_argument("--text-encoder", help="encoder folder (model.onnx + tokenizer.json, python -m "
+                   "ctredge.export.text_encoder) for a spec with text features (datagen --text)")
+    t.add_argument("--no-text", action="store_true",
+                   help="train without the spec's text features (same rows; the text columns are read and dropped)")
     t.add_argument("--min-count", type=int,
                    help="ids seen fewer times in the training rows share their feature's out-of-vocabulary row "
                         "(default: TrainConfig's, 5; 1 keeps every id)")

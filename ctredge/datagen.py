@@ -49,6 +49,22 @@ click log-odds are a sum of terms (:func:`generate_arrays` returns each one):
 =============  ============================================================
 
 plus a bias found by bisection so the click rate lands near ``click_rate``.
+With ``text=True`` (``--text``) two raw-string columns follow every other one:
+``title`` (the candidate item's title) and ``query`` (the search query, empty off
+search pages), and the log-odds get one more term, ``text``: the *relevance* of
+the title to the query (:class:`_TextWorld`).  Each item has a product concept
+(one of its category's two), a colour and an audience; its title names them in
+*title words*.  A search row's query asks for one concept of the intent category,
+maybe a colour and an audience, in *query words*: synonyms that share no word
+with the title words ("trainers" / "running shoes", "scarlet" / "crimson").  The
+relevance (0 when the concept differs; else 0.7 + 0.3 x the share of the asked
+attributes the item has) is in no id column and no word the two strings
+share: a sentence encoder can see it, word ids or hashed tokens cannot.  Its
+draws come from their own random streams, so the other columns of a ``--text``
+file are those of the same file without it, and without ``--text`` nothing
+changes; labels and probabilities differ only by the text term.  The truth file
+then records ``text``: the term's weight and the Bayes AUC without it.
+
 The history column only shows what the world already holds: with
 ``history=False`` the rows, labels and true probabilities are the same, only the
 column is not written (so the Bayes ceiling is the same; what a model can reach
@@ -75,7 +91,7 @@ import numpy as np
 
 from ctredge import metrics
 from ctredge.errors import ConfigError, DataError
-from ctredge.features import CatFeature, DenseFeature, FeatureSpec, HistorySpec, hash_values
+from ctredge.features import CatFeature, DenseFeature, FeatureSpec, HistorySpec, TextFeature, hash_values
 from ctredge.reader import sidecar_path
 
 GENERATOR = "ctredge-datagen-v1"
@@ -142,6 +158,7 @@ class WorldParams:
     intent_boost: float = 0.8
     repeat_boost: float = 0.6
     retarget_rate: float = 0.06
+    text_relevance: float = 2.0          # times the query-title relevance in [0, 1] (search rows, --text)
 
 
 # --------------------------------------------------------------------- raw values
@@ -183,7 +200,7 @@ def _collision_free_buckets(name: str, raw: np.ndarray) -> int:
     return b
 
 
-def make_spec(history: bool) -> FeatureSpec:
+def make_spec(history: bool, text: bool = False) -> FeatureSpec:
     """The FeatureSpec of the generated click logs.
 
     Takes whether the history column is written.  Returns a spec with the 7 dense
@@ -191,6 +208,8 @@ def make_spec(history: bool) -> FeatureSpec:
     ``HistorySpec(item_feature="item_id", max_len=20)``.  Tiny vocabularies get
     the smallest collision-free bucket count >= 4x their size; the others ~3-4x.
     ``query_cat`` shares the ``category`` vocabulary (same raw value, same id).
+    With ``text``: the text features ``title`` (a ``table`` text keyed by
+    ``item_id``) and ``query`` (a ``request`` text, the model input ``query_emb``).
     """
     dense = tuple(DenseFeature(n, side=s, transform=t, integer=i) for n, s, t, i in DENSE_COLUMNS)
     cat = []
@@ -200,8 +219,10 @@ def make_spec(history: bool) -> FeatureSpec:
         # query_cat holds categories: hashed in the category's vocabulary, a model can compare the two
         cat.append(CatFeature(name, buckets, side=side, vocabulary=None if vocab == name else vocab))
     hist = HistorySpec(item_feature="item_id", max_len=MAX_HISTORY) if history else None
+    texts = (TextFeature("title", source="table", side="item", key="item_id"),
+             TextFeature("query", source="request", side="context")) if text else ()
     return FeatureSpec(dense=dense, cat=tuple(cat), history=hist, name="ecommerce",
-                       extra={"generator": GENERATOR})
+                       extra={"generator": GENERATOR}, text=texts)
 
 
 # --------------------------------------------------------------------- the world
@@ -330,6 +351,117 @@ class _World:
         return self.items_by_cat[np.minimum(idx, N_ITEMS - 1)]
 
 
+# --------------------------------------------------------------------- text (--text)
+#: product concepts: (title words, query words); the two lists share no word
+CONCEPTS = (
+    (("sneakers", "trainers"), ("running shoes", "athletic footwear")),
+    (("sofa", "couch"), ("settee", "loveseat")),
+    (("laptop", "notebook computer"), ("portable pc", "ultrabook")),
+    (("smartphone", "mobile phone"), ("cellphone", "handset")),
+    (("headphones", "headset"), ("earbuds", "in-ear monitors")),
+    (("jacket", "coat"), ("parka", "anorak")),
+    (("trousers", "pants"), ("slacks", "chinos")),
+    (("dress", "gown"), ("frock", "sundress")),
+    (("handbag", "purse"), ("tote", "clutch")),
+    (("wristwatch", "watch"), ("timepiece", "chronograph")),
+    (("television", "tv"), ("flat screen", "smart display")),
+    (("refrigerator", "fridge"), ("icebox", "cooler appliance")),
+    (("vacuum cleaner", "hoover"), ("carpet sweeper", "dust buster")),
+    (("coffee maker", "espresso machine"), ("java brewer", "cappuccino appliance")),
+    (("bicycle", "bike"), ("cycle", "two-wheeler")),
+    (("stroller", "pram"), ("pushchair", "buggy")),
+    (("lamp", "light"), ("lantern", "luminaire")),
+    (("backpack", "rucksack"), ("knapsack", "daypack")),
+    (("sunglasses", "shades"), ("aviators", "uv eyewear")),
+    (("perfume", "fragrance"), ("cologne", "eau de toilette")),
+    (("lipstick", "lip colour"), ("rouge", "tinted balm")),
+    (("power drill", "drill"), ("screwdriver gun", "driver tool")),
+    (("tent", "shelter"), ("camping canopy", "bivouac")),
+    (("novel", "book"), ("paperback", "hardcover story")),
+    (("frying pan", "pan"), ("skillet", "wok")),
+    (("printer", "inkjet"), ("copier", "laser device")),
+    (("camera", "dslr"), ("mirrorless", "camcorder")),
+    (("guitar", "acoustic guitar"), ("six-string", "stratocaster")),
+    (("dog food", "kibble"), ("pet chow", "canine meal")),
+    (("vitamins", "supplements"), ("nutrition tablets", "capsules")),
+    (("jeans", "denim"), ("dungarees", "levis")),
+    (("scarf", "shawl"), ("muffler", "stole")),
+)
+COLOURS = (
+    (("red", "scarlet"), ("crimson", "ruby")), (("blue", "navy"), ("azure", "cobalt")),
+    (("black", "jet black"), ("ebony", "onyx")), (("white", "ivory"), ("snow", "pearl")),
+    (("green", "olive"), ("emerald", "lime")), (("grey", "charcoal"), ("silver", "slate")),
+    (("pink", "rose"), ("blush", "fuchsia")), (("brown", "tan"), ("chocolate", "beige")),
+)
+AUDIENCES = (
+    (("men's", "for men"), ("gentlemen", "male")), (("women's", "for women"), ("ladies", "female")),
+    (("kids'", "children's"), ("junior", "boys and girls")), (("unisex", "for all"), ("everyone", "gender neutral")),
+)
+TITLE_FILLERS = ("classic", "premium", "new", "deluxe", "lightweight", "2024 edition", "best seller", "original")
+QUERY_P_COLOUR, QUERY_P_AUDIENCE = 0.7, 0.6
+
+
+class _TextWorld:
+    """The items' concepts, colours, audiences and titles (drawn from ``(seed, 3)``); queries per block."""
+
+    def __init__(self, seed: int, w: "_World"):
+        rng = np.random.default_rng([seed, 3])
+        nc = len(CONCEPTS)
+        self.cat_concepts = np.stack([rng.permutation(nc)[:2] for _ in range(N_CATEGORIES)])  # [cats, 2]
+        self.item_concept = self.cat_concepts[w.item_cat, rng.integers(0, 2, N_ITEMS)]
+        self.item_colour = rng.integers(0, len(COLOURS), N_ITEMS)
+        self.item_audience = rng.integers(0, len(AUDIENCES), N_ITEMS)
+        forms = rng.integers(0, 2, (N_ITEMS, 3))
+        filler = rng.integers(0, len(TITLE_FILLERS), N_ITEMS)
+        self.titles = [f"{TITLE_FILLERS[f]} {COLOURS[c][0][a]} {CONCEPTS[k][0][b]} {AUDIENCES[u][0][d]}"
+                       for f, c, k, u, (a, b, d) in zip(filler.tolist(), self.item_colour.tolist(),
+                                                        self.item_concept.tolist(), self.item_audience.tolist(),
+                                                        forms.tolist())]
+        self.t_title = _text_table(self.titles)
+
+    def queries(self, ids: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+        """One block's queries (search rows only) and the relevance of each row's candidate to its query."""
+        n = len(ids["item"])
+        search = ids["page"] == SEARCH
+        intent = np.maximum(ids["intent"], 0)
+        concept = self.cat_concepts[intent, rng.integers(0, 2, n)]
+        colour = np.where(rng.random(n) < QUERY_P_COLOUR, rng.integers(0, len(COLOURS), n), -1)
+        audience = np.where(rng.random(n) < QUERY_P_AUDIENCE, rng.integers(0, len(AUDIENCES), n), -1)
+        forms = rng.integers(0, 2, (n, 3))
+        order = rng.integers(0, 3, n)
+        item = ids["item"]
+        asked = (colour >= 0).astype(np.float64) + (audience >= 0)
+        had = (colour == self.item_colour[item]).astype(np.float64) + (audience == self.item_audience[item])
+        share = np.where(asked > 0, had / np.maximum(asked, 1), 1.0)
+        relevance = np.where(search & (concept == self.item_concept[item]), 0.7 + 0.3 * share, 0.0)
+        text = []
+        for r in np.flatnonzero(search).tolist():
+            a, b, d = forms[r].tolist()
+            k = CONCEPTS[concept[r]][1][b]
+            c = COLOURS[colour[r]][1][a] if colour[r] >= 0 else ""
+            u = AUDIENCES[audience[r]][1][d] if audience[r] >= 0 else ""
+            if order[r] == 0:
+                words = [c, k, u]
+            elif order[r] == 1:
+                words = [k, u, c]
+            else:
+                words = [k] + ([f"in {c}"] if c else []) + ([f"for {u}"] if u else [])
+            text.append(" ".join(x for x in words if x))
+        query = [""] * n
+        for r, q in zip(np.flatnonzero(search).tolist(), text):
+            query[r] = q
+        return {"query": query, "relevance": relevance, "concept": np.where(search, concept, -1),
+                "colour": np.where(search, colour, -1), "audience": np.where(search, audience, -1)}
+
+
+def _add_text(tw: _TextWorld, block: dict[str, Any], rng: np.random.Generator, weight: float) -> None:
+    """Put one block's queries in ``ids`` and the relevance term in ``terms`` (in place)."""
+    q = tw.queries(block["ids"], rng)
+    block["ids"]["query_text"] = np.array(q["query"], dtype=object)
+    block["ids"]["relevance"] = q["relevance"]
+    block["terms"]["text"] = weight * q["relevance"]
+
+
 # --------------------------------------------------------------------- simulation
 def _simulate(w: _World, rng: np.random.Generator, n: int) -> dict[str, Any]:
     """``n`` impressions: world indices (-1 = missing) and log-odds terms (bias excluded)."""
@@ -383,9 +515,11 @@ def _simulate(w: _World, rng: np.random.Generator, n: int) -> dict[str, Any]:
     return {"ids": ids, "terms": terms, "u_label": rng.random(n)}
 
 
-def _solve_bias(w: _World, seed: int, click_rate: float) -> float:
+def _solve_bias(w: _World, seed: int, click_rate: float, tw: _TextWorld | None = None) -> float:
     """Bias whose mean click probability on a 32k-row sample equals ``click_rate`` (bisection)."""
     sample = _simulate(w, np.random.default_rng([seed, 2]), 2 * BLOCK_ROWS)
+    if tw is not None:
+        _add_text(tw, sample, np.random.default_rng([seed, 5]), w.p.text_relevance)
     logit = sum(sample["terms"].values())
     lo, hi = -30.0, 10.0
     for _ in range(60):
@@ -397,16 +531,21 @@ def _solve_bias(w: _World, seed: int, click_rate: float) -> float:
     return (lo + hi) / 2
 
 
-def _chunks(w: _World, seed: int, rows: int, bias: float, chunk_rows: int) -> Iterator[dict[str, Any]]:
+def _chunks(w: _World, seed: int, rows: int, bias: float, chunk_rows: int,
+            tw: _TextWorld | None = None) -> Iterator[dict[str, Any]]:
     """Simulated rows in chunks of whole blocks (the last one cut at ``rows``), with probs and labels.
 
-    ``seed`` is the sample seed: block ``b`` draws from ``default_rng([seed, 1, b])``.
+    ``seed`` is the sample seed: block ``b`` draws from ``default_rng([seed, 1, b])``, and its
+    queries (with ``tw``) from ``default_rng([seed, 4, b])``.
     """
     per_chunk = -(-chunk_rows // BLOCK_ROWS)
     n_blocks = -(-rows // BLOCK_ROWS)
     for first in range(0, n_blocks, per_chunk):
         blocks = [_simulate(w, np.random.default_rng([seed, 1, b]), BLOCK_ROWS)
                   for b in range(first, min(first + per_chunk, n_blocks))]
+        if tw is not None:
+            for b, block in zip(range(first, n_blocks), blocks):
+                _add_text(tw, block, np.random.default_rng([seed, 4, b]), w.p.text_relevance)
         take = min(rows - first * BLOCK_ROWS, len(blocks) * BLOCK_ROWS)
         out = {k: {name: np.concatenate([b[k][name] for b in blocks])[:take] for name in blocks[0][k]}
                for k in ("ids", "terms")}
@@ -417,7 +556,8 @@ def _chunks(w: _World, seed: int, rows: int, bias: float, chunk_rows: int) -> It
 
 
 # --------------------------------------------------------------------- formatting
-def _fields(w: _World, c: dict[str, Any], history: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+def _fields(w: _World, c: dict[str, Any], history: bool,
+            tw: _TextWorld | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every column of a chunk as ``(uint8 [n, width], byte lengths [n])``, in file order."""
     ids = c["ids"]
 
@@ -436,6 +576,10 @@ def _fields(w: _World, c: dict[str, Any], history: bool) -> list[tuple[np.ndarra
         mat = np.full((n, MAX_HISTORY, 9), ord(","), dtype=np.uint8)
         mat[:, :, :8] = w.t_cat["item_id"][0][ids["hist"]]
         out.append((mat.reshape(n, MAX_HISTORY * 9), np.maximum(9 * ids["hist_len"] - 1, 0)))
+    if tw is not None:
+        out.append(look(tw.t_title, item))
+        queries = _text_table(list(ids["query_text"]))
+        out.append(look(queries, np.arange(len(item))))
     return out
 
 
@@ -596,7 +740,7 @@ def _truth(rows: int, seed: int, history: bool, click_rate: float, bias: float,
 
 
 def generate_arrays(rows: int, seed: int = 0, history: bool = False, click_rate: float = 0.03,
-                    sample_seed: int | None = None) -> dict[str, Any]:
+                    sample_seed: int | None = None, text: bool = False) -> dict[str, Any]:
     """The rows :func:`generate` writes, in memory (for tests and analysis; small ``rows``).
 
     Takes the same configuration as :func:`generate`.  Returns a dict with
@@ -605,15 +749,18 @@ def generate_arrays(rows: int, seed: int = 0, history: bool = False, click_rate:
     ``cat_raw`` (``S8`` [n, 11], ``b""`` = missing), ``history`` (per row, a list of
     raw item ids, oldest first; ``None`` without history), ``ids`` (world indices
     per row, -1 = missing), ``terms`` (each planted log-odds term per row), and
-    ``truth`` (what ``FILE.truth.json`` holds, except ``data_sha256``).
+    ``truth`` (what ``FILE.truth.json`` holds, except ``data_sha256``); with
+    ``text`` also ``title`` and ``query`` (lists of ``str``, ``""`` = no query) and
+    ``relevance`` (float [n], the true query-title relevance, 0 off search pages).
 
     Raises:
         ConfigError: ``rows`` < 1, ``seed`` < 0 or ``click_rate`` outside (0, 0.5].
     """
     _check_args(rows, seed, click_rate, BLOCK_ROWS, sample_seed)
     w = _World(seed, WorldParams())
-    bias = _solve_bias(w, seed, click_rate)
-    c = next(_chunks(w, seed if sample_seed is None else sample_seed, rows, bias, rows))
+    tw = _TextWorld(seed, w) if text else None
+    bias = _solve_bias(w, seed, click_rate, tw)
+    c = next(_chunks(w, seed if sample_seed is None else sample_seed, rows, bias, rows, tw))
     ids = c["ids"]
     dense = np.column_stack([
         w.item_price[ids["item"]], ids["discount"], w.item_rating[ids["item"]],
@@ -626,14 +773,34 @@ def generate_arrays(rows: int, seed: int = 0, history: bool = False, click_rate:
     if history:
         item_raw = raw_vocabulary("item_id")
         hist = [list(item_raw[h[:k]]) for h, k in zip(ids["hist"], ids["hist_len"])]
-    return {"labels": c["labels"], "probs": c["probs"], "dense": dense, "cat_raw": cat_raw, "history": hist,
-            "ids": ids, "terms": c["terms"],
-            "truth": _truth(rows, seed, history, click_rate, bias, c["labels"], c["probs"], sample_seed)}
+    out = {"labels": c["labels"], "probs": c["probs"], "dense": dense, "cat_raw": cat_raw, "history": hist,
+           "ids": ids, "terms": c["terms"],
+           "truth": _truth(rows, seed, history, click_rate, bias, c["labels"], c["probs"], sample_seed)}
+    if tw is not None:
+        out["title"] = [tw.titles[i] for i in ids["item"].tolist()]
+        out["query"] = list(ids["query_text"])
+        out["relevance"] = ids["relevance"]
+        out["truth"]["text"] = _text_truth(w, c["labels"], c["probs"], c["terms"]["text"], ids["relevance"])
+    return out
+
+
+def _text_truth(w: _World, labels: np.ndarray, probs: np.ndarray, term: np.ndarray,
+                relevance: np.ndarray) -> dict[str, Any]:
+    """What the truth file records of ``--text``: the term, and the Bayes AUC with and without it."""
+    logit = np.log(probs.astype(np.float64)) - np.log1p(-probs.astype(np.float64))
+    without = 1 / (1 + np.exp(-(logit - term)))
+    search = relevance > 0
+    return {"columns": ["title", "query"], "term": "text_relevance x relevance (search rows)",
+            "text_relevance": w.p.text_relevance, "concepts": len(CONCEPTS), "colours": len(COLOURS),
+            "audiences": len(AUDIENCES), "query_p_colour": QUERY_P_COLOUR, "query_p_audience": QUERY_P_AUDIENCE,
+            "relevant_rows": int(search.sum()), "mean_relevance": float(relevance.mean()),
+            "bayes_auc": metrics.auc(labels, probs), "bayes_auc_without_text_term": metrics.auc(labels, without)}
 
 
 def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, click_rate: float = 0.03,
              chunk_rows: int = 100_000, progress: Callable[[int, int], None] | None = None, *,
-             sample_seed: int | None = None, split_seed: int = 0, ceiling: bool = False) -> dict[str, Any]:
+             sample_seed: int | None = None, split_seed: int = 0, ceiling: bool = False,
+             text: bool = False) -> dict[str, Any]:
     """Write ``rows`` synthetic click-log rows to ``out_path`` plus its spec and truth files.
 
     Takes the output path (``.tsv``; ``.gz`` writes gzip), the row count, the seed
@@ -648,7 +815,9 @@ def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, cli
     ``seed``, ``sample_seed``, ``history``, ``data_sha256``, the generator's
     parameters and, with ``ceiling``, ``ceiling`` (:func:`learnable_ceiling`,
     with its seconds).  ``sample_seed`` (default: ``seed``) draws the rows from
-    the world of ``seed``.
+    the world of ``seed``.  ``text`` appends the ``title`` and ``query`` columns,
+    adds the relevance term to the click log-odds and records ``text`` in the
+    truth (:func:`_text_truth`).
 
     Raises:
         ConfigError: ``rows`` < 1, ``seed`` < 0, ``click_rate`` outside (0, 0.5] or
@@ -663,9 +832,11 @@ def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, cli
     spec_path, truth_path = sidecar_path(out_path, "spec"), sidecar_path(out_path, "truth")
     tmp = out_path + ".tmp"
     w = _World(seed, WorldParams())
-    bias = _solve_bias(w, seed, click_rate)
+    tw = _TextWorld(seed, w) if text else None
+    bias = _solve_bias(w, seed, click_rate, tw)
     digest = hashlib.sha256()
     labels, probs, done = [], [], 0
+    text_terms, relevances = [], []
     keys, ratios, segs = [], [], []
     try:
         parent = os.path.dirname(out_path)
@@ -673,8 +844,11 @@ def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, cli
             os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as raw_fh:
             fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw_fh, mtime=0) if out_path.endswith(".gz") else raw_fh
-            for c in _chunks(w, sample, rows, bias, chunk_rows):
-                data = _format(_fields(w, c, history))
+            for c in _chunks(w, sample, rows, bias, chunk_rows, tw):
+                data = _format(_fields(w, c, history, tw))
+                if tw is not None:
+                    text_terms.append(c["terms"]["text"])
+                    relevances.append(c["ids"]["relevance"])
                 if ceiling:
                     k, r = _ceiling_keys(w, c["ids"])
                     keys.append(k)
@@ -692,10 +866,13 @@ def generate(out_path: str, rows: int, seed: int = 0, history: bool = False, cli
         if os.path.exists(truth_path):
             os.remove(truth_path)           # never leave a truth file beside other rows
         os.replace(tmp, out_path)
-        make_spec(history).save(spec_path)
+        make_spec(history, text).save(spec_path)
         all_labels = np.concatenate(labels)
         truth = _truth(rows, seed, history, click_rate, bias, all_labels, np.concatenate(probs), sample_seed,
                        split_seed)
+        if tw is not None:
+            truth["text"] = _text_truth(w, all_labels, np.concatenate(probs), np.concatenate(text_terms),
+                                        np.concatenate(relevances))
         if ceiling:
             truth["ceiling"] = learnable_ceiling(np.concatenate(keys), np.concatenate(ratios), np.concatenate(segs),
                                                  all_labels, default_split_codes(rows, split_seed))

@@ -13,8 +13,17 @@ name       dtype    shape            meaning
                                       table are added inside the model
 ``hist``   INT64    ``[B, L]``        behaviour sequence, ids in the bucket space of
                                       the candidate-item feature, 0 = padding
+``<t>_emb`` FP32    ``[B, dim]``      a request-side text feature ``t`` (the search
+                                      query) as its sentence embedding, zeros = no
+                                      text; the server makes it from the raw string
 ``ctr``    FP32     ``[B, 1]``        output: the click probability
 =========  =======  ===============  ==============================================
+
+Text features (:class:`TextFeature`, ``FeatureSpec.text``) are raw strings in
+the click logs, one column each after every other column.  A ``table`` text
+(the item title) is encoded at training time and kept inside the model as a
+table keyed by the ids of its ``key`` categorical feature, so it is no model
+input; a ``request`` text (the search query) is the model input ``<name>_emb``.
 
 Each feature is tagged by side (``user``, ``item``, ``context``) so a ranking
 request can carry the user side once for N candidate items.
@@ -57,6 +66,8 @@ INPUT_DENSE = "dense"
 INPUT_CAT = "cat"
 INPUT_HIST = "hist"
 INPUT_CAT_RAW = "cat_raw"
+TEXT_SOURCES = ("table", "request")
+TEXT_EMB_SUFFIX = "_emb"
 OUTPUT_CTR = "ctr"
 METADATA_KEY = "ctredge.feature_spec"
 
@@ -147,6 +158,41 @@ class HistorySpec:
 
 
 @dataclass(frozen=True)
+class TextFeature:
+    """One raw-string column of the click logs, encoded by a sentence encoder of ``dim`` outputs.
+
+    ``source``: ``table`` (e.g. the item title: encoded from the training rows into a
+    table inside the model, looked up by the id of the categorical feature ``key``)
+    or ``request`` (e.g. the search query: the model input ``<name>_emb``, FP32
+    ``[B, dim]``, zeros for an empty string; a server with the encoder makes it
+    from the raw string).  ``encoder`` names the encoder (documentation and checks).
+    """
+
+    name: str
+    source: str = "request"
+    side: str = "context"
+    key: str | None = None
+    dim: int = 384
+    encoder: str = "all-MiniLM-L6-v2"
+
+    @property
+    def input_name(self) -> str:
+        """The model input of a ``request`` text: ``<name>_emb``."""
+        return self.name + TEXT_EMB_SUFFIX
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        _check_side(self.name, self.side)
+        if self.source not in TEXT_SOURCES:
+            raise SpecError(f"text feature {self.name!r}: source must be one of {TEXT_SOURCES}, got {self.source!r}")
+        if (self.source == "table") != (self.key is not None):
+            raise SpecError(f"text feature {self.name!r}: a 'table' text needs a key (the categorical feature "
+                            f"whose ids index the table) and a 'request' text has none, got key {self.key!r}")
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
+            raise SpecError(f"text feature {self.name!r}: dim must be an integer >= 1, got {self.dim!r}")
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """The feature contract: which tensors exist, their columns, sides and buckets."""
 
@@ -156,11 +202,13 @@ class FeatureSpec:
     name: str = "ctr"
     hash_algorithm: str = HASH_ALGORITHM
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    text: tuple[TextFeature, ...] = ()
+    skip_text: tuple[str, ...] = ()  # text columns of the file this model does not use (read and dropped)
 
     def __post_init__(self) -> None:
         if not self.cat and not self.dense:
             raise SpecError("a FeatureSpec needs at least one dense or categorical feature")
-        names = [f.name for f in self.dense] + [f.name for f in self.cat]
+        names = [f.name for f in self.dense] + [f.name for f in self.cat] + [f.name for f in self.text]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise SpecError(f"feature names must be unique, repeated: {dupes}")
@@ -184,7 +232,30 @@ class FeatureSpec:
                     f"feature; expected one of {cat_names}"
                 )
 
+        cat_names = [f.name for f in self.cat]
+        for t in self.text:
+            if t.key is not None and t.key not in cat_names:
+                raise SpecError(f"text feature {t.name!r}: key {t.key!r} is not a categorical feature; "
+                                f"expected one of {cat_names}")
+
     # ----------------------------------------------------------------- shape
+    @property
+    def request_text(self) -> tuple[TextFeature, ...]:
+        """The ``request`` text features: each one model input ``<name>_emb``."""
+        return tuple(t for t in self.text if t.source == "request")
+
+    def without_text(self) -> "FeatureSpec":
+        """The same spec with no text features: a model without them, on the same files.
+
+        Its ``skip_text`` names the text columns, so the reader still expects and drops them.
+        """
+        return dataclasses.replace(self, text=(), skip_text=self.skip_text + tuple(t.name for t in self.text))
+
+    @property
+    def n_text_columns(self) -> int:
+        """Text columns at the end of a click-log line: used ones and skipped ones."""
+        return len(self.text) + len(self.skip_text)
+
     @property
     def n_dense(self) -> int:
         return len(self.dense)
@@ -200,7 +271,7 @@ class FeatureSpec:
     @property
     def n_columns(self) -> int:
         """Fields per click-log line: label, dense, cat, and history if declared."""
-        return 1 + self.n_dense + self.n_cat + (1 if self.history is not None else 0)
+        return 1 + self.n_dense + self.n_cat + (1 if self.history is not None else 0) + self.n_text_columns
 
     @property
     def buckets(self) -> np.ndarray:
@@ -230,6 +301,7 @@ class FeatureSpec:
             names.append(INPUT_CAT)
         if self.history is not None:
             names.append(INPUT_HIST)
+        names.extend(t.input_name for t in self.request_text)
         return names
 
     def input_signature(self) -> dict[str, tuple[str, tuple[int | None, ...]]]:
@@ -241,6 +313,8 @@ class FeatureSpec:
             sig[INPUT_CAT] = ("int64", (None, self.n_cat))
         if self.history is not None:
             sig[INPUT_HIST] = ("int64", (None, self.history.max_len))
+        for t in self.request_text:
+            sig[t.input_name] = ("float32", (None, t.dim))
         return sig
 
     def onnx_input_types(self) -> dict[str, tuple[str, int]]:
@@ -292,6 +366,14 @@ class FeatureSpec:
         d = dataclasses.asdict(self)
         d["dense"] = [dataclasses.asdict(f) for f in self.dense]
         d["cat"] = [dataclasses.asdict(f) for f in self.cat]
+        if self.text:
+            d["text"] = [dataclasses.asdict(f) for f in self.text]
+        else:
+            del d["text"]   # specs without text read and write as before
+        if self.skip_text:
+            d["skip_text"] = list(self.skip_text)
+        else:
+            del d["skip_text"]
         return d
 
     def to_json(self) -> str:
@@ -315,10 +397,14 @@ class FeatureSpec:
             cat = tuple(_build(CatFeature, d) for d in data.get("cat", []))
             hist = data.get("history")
             history = _build(HistorySpec, hist) if hist is not None else None
+            text = tuple(_build(TextFeature, d) for d in data.get("text", []))
         except TypeError as exc:
             raise SpecError(f"FeatureSpec: {exc}") from exc
-        rest = {k: v for k, v in data.items() if k not in ("dense", "cat", "history")}
-        return cls(dense=dense, cat=cat, history=history, **rest)
+        rest = {k: v for k, v in data.items() if k not in ("dense", "cat", "history", "text", "skip_text")}
+        skip = data.get("skip_text", [])
+        if not isinstance(skip, list) or not all(isinstance(n, str) for n in skip):
+            raise SpecError(f"FeatureSpec: skip_text must be a list of column names, got {skip!r}")
+        return cls(dense=dense, cat=cat, history=history, text=text, skip_text=tuple(skip), **rest)
 
     @classmethod
     def from_json(cls, text: str) -> "FeatureSpec":

@@ -2,12 +2,15 @@
 
 Layout of a line, tab-separated::
 
-    label \\t dense_1 .. dense_n \\t cat_1 .. cat_m [\\t item,item,...]
+    label \\t dense_1 .. dense_n \\t cat_1 .. cat_m [\\t item,item,...] [\\t text_1 .. text_k]
 
 ``label`` is 0 or 1; empty fields are missing values; categorical values are raw
 strings (Criteo: 8-hex hashes) that :meth:`FeatureSpec.hash_cat` turns into
 bucket ids; the optional last column is the user's behaviour history (raw item
-ids, comma-separated, oldest first).  Real files trim trailing empty fields, so
+ids, comma-separated, oldest first); text features (``FeatureSpec.text``) come
+last, one raw UTF-8 string each (no tab or newline inside), kept as bytes in
+``RawChunk.text_raw`` and ``Batch.text``: the model's text inputs are made from
+them by an encoder, never here.  Real files trim trailing empty fields, so
 short lines are padded with empty fields (a line needs at least the label, the
 dense columns and one categorical column).  Files may be plain or gzip.
 
@@ -60,6 +63,7 @@ class RawChunk:
     hist_raw: list[list[bytes]] | None  # per row, oldest first
     line_no: np.ndarray  # int64 [n], 1-based line numbers
     file_no: int = 0
+    text_raw: np.ndarray | None = None  # object [n, n_text] of bytes, b"" = empty; None without text features
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -67,7 +71,9 @@ class RawChunk:
     def take(self, mask: np.ndarray) -> "RawChunk":
         """Rows selected by a boolean mask."""
         hist = None if self.hist_raw is None else [h for h, k in zip(self.hist_raw, mask) if k]
-        return RawChunk(self.labels[mask], self.dense[mask], self.cat_raw[mask], hist, self.line_no[mask], self.file_no)
+        text = None if self.text_raw is None else self.text_raw[mask]
+        return RawChunk(self.labels[mask], self.dense[mask], self.cat_raw[mask], hist, self.line_no[mask], self.file_no,
+                        text)
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Batch:
     labels: np.ndarray
     line_no: np.ndarray
     file_no: np.ndarray
+    text: dict[str, np.ndarray] | None = None  # text feature name -> object [n] of bytes (raw strings)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -89,6 +96,7 @@ class Batch:
             self.labels[index],
             self.line_no[index],
             self.file_no[index],
+            None if self.text is None else {k: v[index] for k, v in self.text.items()},
         )
 
 
@@ -193,7 +201,10 @@ def to_batch(raw: RawChunk, spec: FeatureSpec) -> Batch:
     if spec.history is not None:
         feeds[INPUT_HIST] = spec.hash_history(raw.hist_raw or [])
     n = len(raw)
-    return Batch(feeds, raw.labels, raw.line_no, np.full(n, raw.file_no, dtype=np.int64))
+    text = None
+    if spec.text and raw.text_raw is not None:
+        text = {t.name: raw.text_raw[:, k] for k, t in enumerate(spec.text)}
+    return Batch(feeds, raw.labels, raw.line_no, np.full(n, raw.file_no, dtype=np.int64), text)
 
 
 def read_all(
@@ -211,11 +222,15 @@ def concat_batches(parts: Sequence[Batch], spec: FeatureSpec) -> Batch:
         empty = {name: np.zeros((0,) + tuple(s[1:]), dtype=dt) for name, (dt, s) in spec.input_signature().items()}
         z = np.zeros(0, dtype=np.int64)
         return Batch(empty, np.zeros(0, dtype=np.float32), z, z)
+    text = None
+    if all(p.text is not None for p in parts):
+        text = {k: np.concatenate([p.text[k] for p in parts]) for k in parts[0].text}  # type: ignore[index]
     return Batch(
         {k: np.concatenate([p.feeds[k] for p in parts]) for k in parts[0].feeds},
         np.concatenate([p.labels for p in parts]),
         np.concatenate([p.line_no for p in parts]),
         np.concatenate([p.file_no for p in parts]),
+        text,
     )
 
 
@@ -228,8 +243,10 @@ def _parse_lines(
     n_table = 1 + spec.n_dense + spec.n_cat  # the history column is kept out of the table:
     has_hist = spec.history is not None      # it is far wider than the other fields
     min_fields = 1 + spec.n_dense + (1 if spec.n_cat else 0)
+    n_text = spec.n_text_columns             # the text columns come last, also kept out of the table
     rows: list[list[bytes]] = []
     hists: list[bytes] = []
+    texts: list[list[bytes]] = []
     line_no: list[int] = []
     pad = [b""] * n_fields
     for i, line in enumerate(lines):
@@ -242,6 +259,9 @@ def _parse_lines(
                 continue
             fields.extend(pad[: n_fields - k])
             stats.padded_lines += 1
+        if n_text:
+            texts.append(fields[len(fields) - n_text:len(fields) - n_text + len(spec.text)])
+            del fields[-n_text:]
         if has_hist:
             hists.append(fields.pop())
         rows.append(fields)
@@ -260,6 +280,7 @@ def _parse_lines(
         keep[[idx for idx, _ in bad]] = False
         table, lines_arr, dense = table[keep], lines_arr[keep], dense[keep]
         hists = [h for h, k in zip(hists, keep) if k]
+        texts = [t for t, k in zip(texts, keep) if k]
         if not len(table):
             return None
     labels = (table[:, 0] == b"1").astype(np.float32)
@@ -267,7 +288,11 @@ def _parse_lines(
     hist_raw = None
     if has_hist:
         hist_raw = [[v for v in h.split(b",") if v] if h else [] for h in hists]
-    return RawChunk(labels, dense, cat_raw, hist_raw, lines_arr)
+    text_raw = None
+    if spec.text:
+        text_raw = np.empty((len(texts), len(spec.text)), dtype=object)
+        text_raw[:] = texts if texts else np.empty((0, len(spec.text)), dtype=object)
+    return RawChunk(labels, dense, cat_raw, hist_raw, lines_arr, text_raw=text_raw)
 
 
 def _bad(message: str, name: str, line: int, skip: bool, stats: ReadStats) -> None:

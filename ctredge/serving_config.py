@@ -35,8 +35,15 @@ Written by ``compress all`` and the benchmarks, read by the server
         "max_raw_value_bytes": 1024,   one raw categorical value or history item id
         "max_history_bytes": 16384,    one raw history (comma-separated item ids)
         "max_explain_rows": 4096,      rows B x (G + 1) of a request that asks for ``attributions``
-        "hash_memo_bytes": 16777216    memory of the raw-value -> id memo (LRU), per model version
+        "hash_memo_bytes": 16777216,   memory of the raw-value -> id memo (LRU), per model version
+        "max_query_bytes": 512,        one raw query string (BYTES input ``query``)
+        "max_query_tokens": 64,        tokens a query is cut to before the encoder runs
+        "max_query_strings": 64        query strings of one request (a ranking request sends 1)
       },
+      "text_encoder": "",              a model of the same repository (e.g. "text-encoder") whose
+                                       model.onnx + tokenizer.json encode the raw ``query`` input into
+                                       the model's ``query_emb`` (README: Text semantics); "" = none,
+                                       then a text model takes ``query_emb`` only
       "notes": ""                      free text, e.g. why batching is off
     }
 
@@ -120,10 +127,14 @@ class RequestLimits:
     max_history_bytes: int = 16384
     hash_memo_bytes: int = 16 << 20
     max_explain_rows: int = 4096
+    max_query_bytes: int = 512
+    max_query_tokens: int = 64
+    max_query_strings: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_elements", "max_bytes_elements", "max_bytes_payload", "max_raw_value_bytes",
-                     "max_history_bytes", "hash_memo_bytes", "max_explain_rows"):
+                     "max_history_bytes", "hash_memo_bytes", "max_explain_rows", "max_query_bytes",
+                     "max_query_tokens", "max_query_strings"):
             if not _is_int(getattr(self, name), 1):
                 raise ConfigError(f"limits.{name}: expected an integer >= 1, got {getattr(self, name)!r}")
 
@@ -148,6 +159,7 @@ class ServingConfig:
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    text_encoder: str = ""
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -179,6 +191,9 @@ class ServingConfig:
             raise ConfigError(f"allow_spinning: expected true or false, got {self.allow_spinning!r}")
         if not isinstance(self.notes, str):
             raise ConfigError(f"notes: expected a string, got {self.notes!r}")
+        if not isinstance(self.text_encoder, str) or "/" in self.text_encoder or self.text_encoder in (".", ".."):
+            raise ConfigError(f"text_encoder: expected the name of a model in the same repository, got "
+                              f"{self.text_encoder!r}")
         if isinstance(self.dynamic_batching, dict):
             object.__setattr__(self, "dynamic_batching", config_from_dict(DynamicBatching, self.dynamic_batching))
         if isinstance(self.version_policy, dict):

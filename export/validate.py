@@ -43,6 +43,11 @@ def random_feeds(spec: FeatureSpec, batch: int, seed: int = 0) -> dict[str, np.n
         lengths = rng.integers(0, L + 1, size=batch)
         hist[np.arange(L)[None, :] >= lengths[:, None]] = 0
         feeds[INPUT_HIST] = hist
+    for t in spec.request_text:   # unit vectors (as the encoder gives), a fifth of the rows without text
+        v = rng.normal(0, 1, size=(batch, t.dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        v[rng.random(batch) < 0.2] = 0.0
+        feeds[t.input_name] = v
     return feeds
 
 

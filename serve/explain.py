@@ -41,9 +41,12 @@ HISTORY_GROUP = "history"
 
 
 def group_names(spec: FeatureSpec) -> list[str]:
-    """The attribution groups in output order: dense names, categorical names, then ``"history"``."""
+    """The attribution groups in output order: dense names, categorical names, ``"history"``, then request texts.
+
+    A request text (the query) is one group whose baseline is "no text" (its embedding all 0).
+    """
     return [f.name for f in spec.dense] + [f.name for f in spec.cat] + \
-        ([HISTORY_GROUP] if spec.history is not None else [])
+        ([HISTORY_GROUP] if spec.history is not None else []) + [t.name for t in spec.request_text]
 
 
 def groups_json(spec: FeatureSpec) -> str:
@@ -92,6 +95,10 @@ def expand(feeds: Mapping[str, np.ndarray], spec: FeatureSpec) -> dict[str, np.n
             g += 1
     if spec.history is not None:
         out[INPUT_HIST][g * batch:(g + 1) * batch] = 0
+        g += 1
+    for t in spec.request_text:
+        out[t.input_name][g * batch:(g + 1) * batch] = 0.0
+        g += 1
     return out
 
 

@@ -184,7 +184,8 @@ def load_version(mv: ModelVersion, *, executor: Executor | None = None, settings
             check_session(session, spec)
         except LoadError as exc:
             raise LoadError(f"{label}: {exc}", "its graph does not follow its FeatureSpec") from exc
-        signature: Any = CtrSignature(spec, cfg.max_batch_size, cfg.limits)
+        signature: Any = CtrSignature(spec, cfg.max_batch_size, cfg.limits,
+                                      encoder=_text_encoder(mv, cfg, spec, label, threads))
     else:
         signature = PlainSignature(session, cfg.max_batch_size, cfg.limits)
     runner = Runner(session, name=mv.name, version=mv.version, provider=provider)
@@ -210,6 +211,40 @@ def load_version(mv: ModelVersion, *, executor: Executor | None = None, settings
              if scheduler.enabled else "off")
     mv.signature, mv.runner, mv.scheduler, mv.provider, mv.stats = signature, runner, scheduler, provider, stats
     mv.state, mv.reason = READY, ""
+
+
+def _text_encoder(mv: ModelVersion, cfg: ServingConfig, spec: FeatureSpec, label: str, threads: int) -> Any:
+    """The :class:`~ctredge.textenc.SentenceEncoder` named by ``cfg.text_encoder``, or None.
+
+    The encoder is a model of the same repository (``REPO/<text_encoder>/<highest version>/``,
+    model.onnx + tokenizer.json); its tokens are cut at ``limits.max_query_tokens``.
+
+    Raises:
+        LoadError: the config names an encoder that is missing or does not load, or names one
+            for a model without request text features.
+    """
+    if not cfg.text_encoder:
+        return None
+    if not spec.request_text:
+        raise LoadError(f"{label}: config.json names text_encoder {cfg.text_encoder!r}, but the model has no "
+                        f"request text feature", "its text_encoder is set for a model without text features")
+    from ctredge.textenc import SentenceEncoder
+
+    folder = mv.path.parent.parent / cfg.text_encoder
+    versions = sorted((int(p.name), p) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) \
+        if folder.is_dir() else []
+    if not versions:
+        raise LoadError(f"{label}: its text encoder {cfg.text_encoder!r} has no version folder in {folder.parent}",
+                        f"its text encoder {cfg.text_encoder!r} is missing")
+    try:
+        enc = SentenceEncoder(versions[-1][1], max_tokens=cfg.limits.max_query_tokens,
+                              intra_op_threads=threads)
+    except Exception as exc:
+        raise LoadError(f"{label}: its text encoder {versions[-1][1]} does not load: {exc}",
+                        f"its text encoder {cfg.text_encoder!r} does not load") from exc
+    log.info("%s: text encoder %s (%d-d, at most %d tokens a query)", label, versions[-1][1], enc.dim,
+             enc.max_tokens)
+    return enc
 
 
 @dataclass

@@ -215,7 +215,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             signature = mv.signature
             elements, payload = codec.check_request(request, signature, signature.limits)
             explained = explain.check_request(request, signature)  # 0 unless 'attributions' is asked for
-            if elements > INLINE_ELEMENTS or payload > INLINE_BYTES:
+            if elements > INLINE_ELEMENTS or payload > INLINE_BYTES or _encodes_text(request, signature):
                 feeds = await asyncio.get_running_loop().run_in_executor(self.executor, _decode, request, signature)
             else:
                 feeds = _decode(request, signature)
@@ -328,6 +328,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
         code, message = grpc_status(Unimplemented("ModelStreamInfer is not implemented by this server"))
         await context.abort(code, message)
+
+
+def _encodes_text(request: Any, signature: Any) -> bool:
+    """Whether preparing the request runs the text encoder (then it is prepared on a worker thread)."""
+    check = getattr(signature, "encodes_text", None)
+    return check is not None and check([t.name for t in request.inputs])
 
 
 def _decode(request: Any, signature: Any) -> dict[str, Any]:

@@ -27,7 +27,19 @@ input               dtype    shape           meaning
 ``dense_<side>``    FP32     [B|1, n_side]   the ``side`` columns of ``dense``
 ``cat_<side>``      INT64    [B|1, n_side]   the ``side`` columns of ``cat``
 ``cat_raw_<side>``  BYTES    [B|1, n_side]   the ``side`` columns of ``cat_raw``
+``<t>_emb``         FP32     [B|1, dim]      a request text feature ``t`` (``query``) as
+                                             its sentence embedding; zeros = no text
+``<t>``             BYTES    [B|1, 1]        the raw string (``[B|1]`` too), encoded by
+                                             the server's text encoder (only when the
+                                             model's config names one: ``text_encoder``)
 ==================  =======  ==============  =======================================
+
+A text feature is optional: sent neither way, it is "no text" (zeros, as the
+model learned for rows without a query).  The raw form is checked before any
+work: at most ``limits.max_query_strings`` strings, each at most
+``limits.max_query_bytes`` bytes of UTF-8; an empty string is "no text"; each is
+cut to ``limits.max_query_tokens`` tokens.  Distinct strings are encoded once,
+so a ranking request's one query costs one encoder run whatever ``B``.
 
 ``<side>`` is ``user``, ``item`` or ``context`` (only sides that have columns of
 that kind exist); a side's columns are in the spec's order,
@@ -211,8 +223,10 @@ class CtrSignature(_Header):
 
     _alt_ranks = {INPUT_HIST_RAW: (1,)}
 
-    def __init__(self, spec: FeatureSpec, max_batch_size: int, limits: RequestLimits | None = None):
+    def __init__(self, spec: FeatureSpec, max_batch_size: int, limits: RequestLimits | None = None,
+                 encoder: Any = None):
         self.spec = spec
+        self.encoder = encoder  # ctredge.textenc.SentenceEncoder for the raw text inputs, or None
         self.max_batch_size = max_batch_size
         self.batched = True
         self.limits = limits or RequestLimits()
@@ -242,6 +256,17 @@ class CtrSignature(_Header):
                     name = f"{form}_{side}"
                     self._add(inputs, TensorInfo(name, KIND_DTYPE[form], (-1, len(cols)), True), kind, side)
                     self._columns[name] = cols
+        self._text: dict[str, Any] = {}  # input name -> its TextFeature
+        for t in spec.request_text:
+            self._add(inputs, TensorInfo(t.input_name, "FP32", (-1, t.dim), True), "text:" + t.name, t.side)
+            self._text[t.input_name] = t
+            if encoder is not None:
+                if encoder.dim != t.dim:
+                    raise LoadError(f"text feature {t.name!r} takes {t.dim}-d embeddings, but the text encoder "
+                                    f"{encoder.folder} gives {encoder.dim}-d ones")
+                self._add(inputs, TensorInfo(t.name, "BYTES", (-1, 1), True), "text:" + t.name, t.side)
+                self._text[t.name] = t
+                self._alt_ranks = {**self._alt_ranks, t.name: (1,)}
         self.inputs = inputs
         self.outputs = [TensorInfo(OUTPUT_CTR, "FP32", (-1, 1))]
         self._by_name = {t.name: t for t in inputs}
@@ -266,8 +291,25 @@ class CtrSignature(_Header):
         return [OUTPUT_CTR]
 
     def value_limit(self, name: str) -> int:
-        """The longest BYTES element input ``name`` may carry: a raw history, or one raw value."""
+        """The longest BYTES element input ``name`` may carry: a raw history, a query, or one raw value."""
+        if name in self._text:
+            return self.limits.max_query_bytes
         return self.limits.max_history_bytes if name == INPUT_HIST_RAW else self.limits.max_raw_value_bytes
+
+    def check_header(self, name: str, datatype: str, shape: Sequence[int]) -> None:
+        """:meth:`_Header.check_header`, and a raw text input's string count against ``limits.max_query_strings``."""
+        super().check_header(name, datatype, shape)
+        t = self._text.get(name)
+        if t is not None and datatype == "BYTES":
+            count = int(np.prod([max(int(d), 0) for d in shape])) if len(shape) else 1
+            if count > self.limits.max_query_strings:
+                raise InvalidInput(f"input {name!r}: {count} strings, expected at most "
+                                   f"{self.limits.max_query_strings} (limits.max_query_strings); a ranking request "
+                                   f"sends its one query as [1, 1]")
+
+    def encodes_text(self, names: Sequence[str]) -> bool:
+        """Whether inputs ``names`` include a raw text the encoder runs on (the servicer prepares it off the loop)."""
+        return any(n in self._text and self._by_name[n].datatype == "BYTES" for n in names)
 
     def check_outputs(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Refuse an answer that is not a probability (NaN/Inf): no OK answer carries a NaN.
@@ -356,11 +398,14 @@ class CtrSignature(_Header):
         """
         _check_names(tensors, list(self._by_name))
         for name, arr in tensors.items():
-            alt = ((-1,),) if name == INPUT_HIST_RAW else ()
+            raw_text = name in self._text and self._by_name[name].datatype == "BYTES"
+            alt = ((-1,),) if name == INPUT_HIST_RAW or raw_text else ()
             check_tensor(self._by_name[name], arr, alt_shapes=alt)
         kinds = self._kinds
         used = {k: self._forms(tensors, k) for k in kinds}
+        texts = {t.name: self._text_form(tensors, t) for t in self.spec.request_text}
         rows = {n: int(tensors[n].shape[0]) for names in used.values() for n in names}
+        rows.update({n: int(tensors[n].shape[0]) for n in texts.values() if n is not None})
         batch = max(rows.values())
         bad = {n: r for n, r in rows.items() if r != batch and not (r == 1 and self._broadcastable(n))}
         if bad:
@@ -388,7 +433,48 @@ class CtrSignature(_Header):
                 cols = self._columns[name]
                 out[:, cols] = self._block(name, tensors[name], cols)
             feeds[kind] = out
+        for t in self.spec.request_text:
+            name = texts[t.name]
+            if name is None:
+                feeds[t.input_name] = np.zeros((batch, t.dim), dtype=np.float32)
+            else:
+                feeds[t.input_name] = _rows_to(self._text_block(name, tensors[name], t), batch)
         return feeds
+
+    def _text_form(self, tensors: Mapping[str, np.ndarray], t: Any) -> str | None:
+        """The one input that carries text feature ``t`` (its embedding or its raw string), or None."""
+        given = [n for n in tensors if self._kind_of[n] == "text:" + t.name]
+        if len(given) > 1:
+            raise InvalidInput(f"send the {t.name} once, as {t.input_name!r} (FP32 [-1, {t.dim}]) or {t.name!r} "
+                               f"(BYTES [-1, 1]), got both")
+        return given[0] if given else None
+
+    def _text_block(self, name: str, arr: np.ndarray, t: Any) -> np.ndarray:
+        """FP32 ``[rows, dim]`` of a text input: the embedding checked, or the raw strings encoded."""
+        if self._by_name[name].datatype == "FP32":
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                r, k = (int(v) for v in np.argwhere(bad)[0])
+                raise InvalidInput(f"input {name!r}: row {r}, column {k}: {float(arr[r, k])} is not a finite "
+                                   f"number; send the encoder's embedding, or zeros for no {t.name}")
+            return np.ascontiguousarray(arr)
+        values = arr.reshape(-1).tolist()
+        if len(values) > self.limits.max_query_strings:
+            raise InvalidInput(f"input {name!r}: {len(values)} strings, expected at most "
+                               f"{self.limits.max_query_strings} (limits.max_query_strings)")
+        strings = []
+        for i, v in enumerate(values):
+            v = bytes(v)
+            if len(v) > self.limits.max_query_bytes:
+                raise InvalidInput(f"input {name!r}: row {i} has {len(v)} bytes, expected at most "
+                                   f"{self.limits.max_query_bytes} (limits.max_query_bytes)")
+            try:
+                strings.append(v.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(f"input {name!r}: row {i} is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        if self.encoder is None:  # unreachable: the raw input exists only with an encoder
+            raise InvalidInput(f"input {name!r}: this model has no text encoder; send {t.input_name!r}")
+        return self.encoder.encode(strings)
 
     def _block(self, name: str, arr: np.ndarray, cols: list[int]) -> np.ndarray:
         """Columns ``cols`` of dense/cat as model dtypes: hashed if raw, range-checked if ids."""
@@ -462,6 +548,9 @@ class CtrSignature(_Header):
             feeds[INPUT_CAT] = (rng.random((1, self.spec.n_cat)) * self._buckets[None, :]).astype(np.int64)
         if self.spec.history is not None:
             feeds[INPUT_HIST] = rng.integers(0, self._hist_buckets, size=(1, self.spec.hist_len)).astype(np.int64)
+        for t in self.spec.request_text:
+            feeds[t.input_name] = (self.encoder.encode(["warm-up query"]) if self.encoder is not None
+                                   else np.zeros((1, t.dim), dtype=np.float32))
         return feeds
 
 

@@ -58,6 +58,10 @@ class ModelConfig:
     quantile buckets per dense value and the match features (``WideLogit``), fitted
     on the training rows before the deep part trains (:mod:`ctredge.train.wide`);
     the logit layers then start at zero, so training starts from the regression.
+    ``text_rows`` / ``text_proj``: with text features in the spec, the rows of the
+    title table (distinct training titles + 1, set by ``ctredge train``) and the
+    width of each text projection, ``text_cos_scale`` what the query-title cosine is
+    multiplied by before the model sees it (:mod:`ctredge.train.text`).
 
     Raises:
         ConfigError: a value out of range or of the wrong type.
@@ -86,6 +90,9 @@ class ModelConfig:
     wide: bool = True
     wide_buckets: int = 2 ** 18
     wide_edges: int = 15
+    text_rows: int = 0
+    text_proj: int = 16
+    text_cos_scale: float = 10.0
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -102,6 +109,11 @@ class ModelConfig:
         _check_int("dense_buckets", self.dense_buckets, 0)
         _check_int("wide_buckets", self.wide_buckets, 0)
         _check_int("wide_edges", self.wide_edges, 1)
+        _check_int("text_rows", self.text_rows, 0)
+        _check_int("text_proj", self.text_proj, 1)
+        if (isinstance(self.text_cos_scale, bool) or not isinstance(self.text_cos_scale, (int, float))
+                or not 0 < self.text_cos_scale <= 1000):
+            raise ConfigError(f"text_cos_scale: expected a number in (0, 1000], got {self.text_cos_scale!r}")
         if (isinstance(self.embedding_lr_scale, bool) or not isinstance(self.embedding_lr_scale, (int, float))
                 or not 0 < self.embedding_lr_scale <= 100):
             raise ConfigError(f"embedding_lr_scale: expected a number in (0, 100], got {self.embedding_lr_scale!r}")
@@ -220,6 +232,7 @@ class _Features:
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig) -> None:
         self.spec = spec
+        self.text = None  # [B, 1 + 3 p]: ctredge.train.text.text_vector, set by build_model
         self.inputs: dict[str, Any] = {
             name: keras.Input(shape=shape[1:], dtype=dtype, name=name)
             for name, (dtype, shape) in spec.input_signature().items()
@@ -321,7 +334,7 @@ def _dcnv2(f: _Features, cfg: ModelConfig) -> Any:
         parts.append(f.dense)
     if f.dense_emb is not None:
         parts.append(keras.layers.Flatten(name="dense_buckets_flat")(f.dense_emb))
-    parts += [t for t in (f.history_vector(cfg), f.matches(cfg)) if t is not None]
+    parts += [t for t in (f.history_vector(cfg), f.matches(cfg), f.text) if t is not None]
     x0 = _concat(parts, "dcn_input")
     x = x0
     for i in range(cfg.cross_layers):
@@ -425,6 +438,10 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
         raise ConfigError("model 'seed': seed needs a behaviour history, but this FeatureSpec declares none "
                           "(history is None); declare a history or use model 'dcnv2' or 'deepfm'")
     f = _Features(spec, cfg)
+    if spec.text:
+        from ctredge.train.text import TEXT_LOGIT, text_vector
+
+        f.text = text_vector(f.inputs, spec, cfg.text_rows, cfg.text_proj, cfg.text_cos_scale)
     if cfg.model == "dcnv2":
         logit = _dcnv2(f, cfg)
     elif cfg.model == "deepfm":
@@ -436,6 +453,9 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
         # cross layers and the MLP alone, one epoch under-uses them ("already in the history" by a third)
         match_logit = keras.layers.Dense(1, name=MATCH_LOGIT, **_start(cfg))(f.matches(cfg))
         logit = keras.layers.Add(name="logit_sum")([logit, match_logit])
+    if f.text is not None:
+        # the text part reaches the logit straight too (dcnv2 also feeds it to its deep part)
+        logit = keras.layers.Add(name="text_sum")([logit, keras.layers.Dense(1, name=TEXT_LOGIT, **_start(cfg))(f.text)])
     if cfg.wide and spec.cat:
         ins = [f.inputs[INPUT_CAT]] + ([f.inputs[INPUT_DENSE]] if spec.dense else [])
         match = f.matches(cfg)

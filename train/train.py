@@ -76,6 +76,8 @@ class TrainConfig:
     dp_batch_size: int = 1024  # expected Poisson batch (q = dp_batch_size / n_train); replaces batch_size
     dp_learning_rate: float = 0.1
     dp_momentum: float = 0.9
+    text: bool = True  # use the spec's text features (False: the same rows, a model without them)
+    text_encoder: str = ""  # encoder folder (model.onnx + tokenizer.json) for a spec with text features
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -134,6 +136,12 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
 
         cfg, model_cfg = dp.private_configs(cfg, model_cfg)
     spec = resolve_spec(cfg.data[0], cfg.spec, buckets=cfg.criteo_buckets)
+    if spec.text and not cfg.text:
+        spec = spec.without_text()   # the reader still drops the text columns
+    if spec.text and not cfg.text_encoder:
+        raise ConfigError(f"train: the spec has text features {[t.name for t in spec.text]}: give the encoder "
+                          f"folder (--text-encoder REPO/text-encoder/1, python -m ctredge.export.text_encoder) or "
+                          f"train without them (--no-text)")
     keras.utils.set_random_seed(cfg.seed)
     plan = data_plan(cfg)
     stats = ReadStats()
@@ -141,6 +149,12 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     held = plan.read_held_out(spec, max_memory_bytes=cfg.max_memory_bytes, skip_bad_rows=cfg.skip_bad_rows,
                               stats=stats)
     valid, test = held.valid, held.test
+    text_cfg = None
+    if spec.text:
+        if held.streamed:
+            raise ConfigError("train: text features need the training rows in memory (raise --max-memory-bytes "
+                              "or use fewer rows)")
+        text_cfg, model_cfg = _prepare_text(spec, model_cfg, cfg.text_encoder, held)
     rows: Any = held.train if not held.streamed else Source(*plan.source("train"))
     n_train = None if held.streamed else len(held.train)  # type: ignore[arg-type]
     ds = train_dataset(rows, spec, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -156,6 +170,10 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
     if remap is not None:
         set_remap(model, remap)
     fill_data_layers(model, spec, train_rows, skip_bad_rows=cfg.skip_bad_rows)
+    if text_cfg is not None:
+        from ctredge.train.text import fill_title_table
+
+        fill_title_table(model, text_cfg.pop("ids"), text_cfg.pop("embeddings"))
     wide = fit_wide(model, spec, train_rows, valid)
     if cfg.dp_epsilon is not None:
         compile_ctr(model, cfg.dp_learning_rate, optimizer=dp.optimizer(cfg))
@@ -179,6 +197,8 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         metrics["wide"] = wide
     if dp_record is not None:
         metrics["dp"] = dp_record
+    if text_cfg is not None:
+        metrics["text"] = text_cfg
     truth = _truth_for(cfg.data[0])
     if truth is not None:
         metrics["bayes_auc_file"] = truth.get("bayes_auc")
@@ -196,6 +216,37 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
             extra={"params": model_summary(model), "model": model_cfg.model},
         )
     return manifest
+
+
+def _prepare_text(spec: FeatureSpec, model_cfg: Any, encoder_dir: str, held: Any) -> tuple[dict[str, Any], Any]:
+    """Encode the text of the held rows: query embeddings into every part's feeds, the training titles.
+
+    Returns ``({"ids", "embeddings", figures...}, model_cfg with text_rows)``; the
+    title table is filled from the training rows only.
+    """
+    import dataclasses
+
+    from ctredge.artifacts import manifest_hash
+    from ctredge.errors import ArtifactError
+    from ctredge.textenc import SentenceEncoder
+    from ctredge.train.text import add_query_embeddings, title_rows
+
+    t0 = time.perf_counter()
+    encoder = SentenceEncoder(encoder_dir, intra_op_threads=min(2, os.cpu_count() or 1))
+    add_query_embeddings(spec, [held.train, held.valid, held.test], encoder)
+    t_query = time.perf_counter() - t0
+    ids, titles = title_rows(spec, held.train)
+    embeddings = encoder.encode(titles)
+    try:
+        manifest_sha = manifest_hash(encoder_dir)
+    except (ArtifactError, OSError):  # an encoder folder without a manifest (tests build tiny ones)
+        manifest_sha = None
+    log.info("text: queries encoded in %.1fs, %d titles in %.1fs", t_query, len(ids),
+             time.perf_counter() - t0 - t_query)
+    figures = {"encoder": os.path.abspath(encoder_dir), "encoder_manifest_sha256": manifest_sha,
+               "titles": int(len(ids)),
+               "dim": int(encoder.dim), "encode_seconds": round(time.perf_counter() - t0, 1)}
+    return {"ids": ids, "embeddings": embeddings, **figures}, dataclasses.replace(model_cfg, text_rows=len(ids) + 1)
 
 
 #: the cosine decay ends at this fraction of the learning rate
