@@ -13,7 +13,7 @@ with ``--seed``) the same small model (dcnv2, embedding 8, one cross layer, MLP
   :func:`ctredge.train.dp.private_configs` turns them off); the dAUC of each DP
   run is against this one, so it is the cost of clipping and noise alone;
 * ``DP eps=E``: ``ctredge train --dp-epsilon E`` (delta 1/n rounded down to a
-  power of ten, TrainConfig's DP-SGD settings: clip 10 unless ``--clip``, Poisson
+  power of ten, TrainConfig's DP-SGD settings: clip 30 unless ``--clip``, Poisson
   batches of 1024, SGD with momentum).
 
 Rows/s is training rows x epochs / training seconds (the per-epoch validation
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--clip", type=float, default=None, help="DP-SGD's per-example clipping norm (default: "
-                                                             "TrainConfig's dp_clip, 10)")
+                                                             "TrainConfig's dp_clip, 30)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="differentially private training (DP-SGD) to this epsilon, per training row; turns off "
                         "what is computed from the rows without DP (vocabulary, wide part, history attributes)")
     t.add_argument("--dp-delta", type=float, help="DP delta (default: 1/training rows, rounded down to a power of 10)")
-    t.add_argument("--dp-clip", type=float, help="DP-SGD per-example gradient clipping norm (default 10); DP-SGD "
+    t.add_argument("--dp-clip", type=float, help="DP-SGD per-example gradient clipping norm (default 30); DP-SGD "
                         "trains with SGD + momentum on Poisson batches of 1024 (TrainConfig's dp_* fields)")
     t.set_defaults(func=cmd_train)
 
