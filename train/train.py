@@ -72,8 +72,8 @@ class TrainConfig:
     # DP-SGD's own optimisation settings, chosen by valid AUC on the demo data (README, Differential privacy):
     # Adam normalises each coordinate by its noise and moves every embedding row about one learning rate per
     # step in a random direction, so DP-SGD uses SGD with momentum, large Poisson batches and a wide clip
-    # (valid AUC at epsilon 8, one epoch, dcnv2 small: Adam 0.53, SGD 0.61, SGD + momentum 0.64 at clip 10 and
-    # 0.70 at clip 30 with learning rate 0.03; README, "Differential privacy")
+    # (chosen in scratch runs at epsilon 8, one epoch, by valid AUC: Adam < SGD < SGD + momentum, clip 30 over
+    # 10 and 100; those runs are not kept, so no figures are cited; the kept figures: README, "Differential privacy")
     dp_clip: float = 30.0  # per-example gradient L2 clipping norm
     dp_batch_size: int = 1024  # expected Poisson batch (q = dp_batch_size / n_train); replaces batch_size
     dp_learning_rate: float = 0.03
