@@ -208,7 +208,8 @@ def private_configs(cfg: Any, model_cfg: Any) -> tuple[Any, Any]:
         log.info("DP training: min_count=1 (the min-count vocabulary would be counted without DP)")
         cfg = dataclasses.replace(cfg, min_count=1)
     if getattr(cfg, "text", False):
-        log.info("DP training: text=False (the title table is filled from the training rows' titles without DP)")
+        log.info("DP training: text=False (a spec's text features would fill the title table from the training "
+                 "rows' titles without DP)")
         cfg = dataclasses.replace(cfg, text=False)
     return cfg, model_cfg
 
