@@ -76,6 +76,95 @@ def find_embedding_tables(model: Any, min_rows: int = 1) -> list[EmbeddingTable]
     return sorted(found, key=lambda t: -t.fp32_bytes)
 
 
+#: entries per scale of a quantized weight vector (:func:`quantize_vectors`)
+VECTOR_BLOCK = 256
+
+
+def find_weight_vectors(model: Any, min_rows: int = 1) -> list[EmbeddingTable]:
+    """Float initializers ``[rows]`` (``rows >= min_rows``) read only by ``Gather(axis=0)``: one weight per id.
+
+    The wide part's table (``WideLogit``: one logistic-regression weight per id,
+    hashed pair and dense bucket) is one.  Takes an ``onnx.ModelProto``; returns
+    them largest first, as :class:`EmbeddingTable` with ``dim`` 1.
+    """
+    import onnx
+
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    outputs = {o.name for o in model.graph.output}
+    found = []
+    for init in model.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 1 or init.name in outputs:
+            continue
+        rows, uses = int(init.dims[0]), consumers.get(init.name, [])
+        if rows < min_rows or not uses:
+            continue
+        if all(n.op_type == "Gather" and i == 0 and _axis(n) == 0 and n.domain in ("", "ai.onnx") for n, i in uses):
+            found.append(EmbeddingTable(init.name, rows, 1, tuple(n.name for n, _ in uses)))
+    return sorted(found, key=lambda t: -t.fp32_bytes)
+
+
+def quantize_vectors(model: Any, cfg: QuantizeConfig, block: int = VECTOR_BLOCK) -> tuple[Any, list[dict[str, Any]]]:
+    """Rewrite every gathered weight vector (:func:`find_weight_vectors`) as int8 with one scale per ``block`` ids.
+
+    ``Gather(w, ids)`` becomes ``Cast(Gather(q, ids)) * Gather(scales, ids / block)``
+    (symmetric, ``scale = max|w| / 127`` over each block of ``block`` consecutive
+    ids, or ``cfg.emb_scale``'s ``mse``).  In place; returns the model and a
+    report per vector (an empty list when the model has none).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    vectors = find_weight_vectors(model, cfg.emb_min_rows)
+    if not vectors:
+        return model, []
+    g = model.graph
+    fresh = FreshNames(model)
+    inits = {i.name: i for i in g.initializer}
+    block_name = fresh("ctredge_vector_block")
+    new_inits: list[Any] = [numpy_helper.from_array(np.array(block, np.int64), block_name)]
+    replace: dict[str, list[Any]] = {}
+    report = []
+    for v in vectors:
+        w = numpy_helper.to_array(inits[v.name]).astype(np.float32)
+        n_blocks = -(-v.rows // block)
+        padded = np.zeros(n_blocks * block, np.float32)
+        padded[:v.rows] = w
+        q, scale = quantize_rows_int8(padded.reshape(n_blocks, block), cfg.emb_scale)
+        q = q.reshape(-1)[:v.rows]
+        err = np.abs(q.astype(np.float32) * np.repeat(scale, block)[:v.rows] - w)
+        base = v.name.replace(":", "_").replace("/", "_")
+        q_name, s_name = fresh(f"{base}_q8"), fresh(f"{base}_blockscale")
+        new_inits += [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale.astype(np.float32), s_name)]
+        for node in g.node:
+            if node.op_type == "Gather" and node.input[0] == v.name:
+                ids, out = node.input[1], node.output[0]
+                prefix = fresh(f"{node.name or out}/blockq")
+                blk, scales, rows, values = (fresh(f"{prefix}/{x}") for x in ("block", "scales", "rows", "float"))
+                replace[out] = [
+                    helper.make_node("Div", [ids, block_name], [blk], name=fresh(f"{prefix}/div")),
+                    helper.make_node("Gather", [s_name, blk], [scales], name=fresh(f"{prefix}/gather_scales"), axis=0),
+                    helper.make_node("Gather", [q_name, ids], [rows], name=fresh(f"{prefix}/gather_rows"), axis=0),
+                    helper.make_node("Cast", [rows], [values], name=fresh(f"{prefix}/cast"), to=TensorProto.FLOAT),
+                    helper.make_node("Mul", [values, scales], [out], name=fresh(f"{prefix}/dequantize"))]
+        report.append({"table": v.name, "rows": v.rows, "dim": 1, "bits": 8, "block": block, "gathers": len(v.gathers),
+                       "fp32_bytes": v.fp32_bytes, "quantized_bytes": int(q.nbytes + scale.nbytes),
+                       "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean())})
+    old = {v.name for v in vectors}
+    for coll in (g.initializer, g.input, g.value_info):
+        keep = [x for x in coll if x.name not in old]
+        del coll[:]
+        coll.extend(keep)
+    g.initializer.extend(new_inits)
+    nodes = []
+    for node in g.node:
+        nodes.extend(replace.get(node.output[0], [node]) if node.op_type == "Gather" else [node])
+    del g.node[:]
+    g.node.extend(nodes)
+    return model, report
+
+
 def _axis(node: Any) -> int:
     for a in node.attribute:
         if a.name == "axis":

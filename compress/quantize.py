@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ctredge.compress.graph import EmbeddingTable, find_embedding_tables, quantize_embeddings
+from ctredge.compress.graph import EmbeddingTable, find_embedding_tables, quantize_embeddings, quantize_vectors
 from ctredge.compress.onnxio import PROTOBUF_LIMIT, proto_bytes, save_model, set_ir_version
 from ctredge.compress.ortquant import dynamic_int8, fp16, static_int8
 from ctredge.compress.qconfig import METADATA_QUANTIZATION, METADATA_QUANTIZATION_CONFIG, VARIANT_KINDS, QuantizeConfig
@@ -100,6 +100,7 @@ def quantize(src: Any, kind: str, calibration: Iterable[Mapping[str, np.ndarray]
     emb = next((p for p in parts if p.startswith("emb-")), None)
     if emb is not None:
         model, _ = quantize_embeddings(model, 8 if emb == "emb-int8" else 4, cfg)
+        model, _ = quantize_vectors(model, cfg)  # the wide part's weight per id: int8, a scale per block
     if "int8-static" in parts:
         model = static_int8(model, calibration, cfg)
     elif kind == "int8-dynamic":
