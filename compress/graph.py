@@ -56,6 +56,14 @@ def find_embedding_tables(model: Any, min_rows: int = 1) -> list[EmbeddingTable]
 
     Takes an ``onnx.ModelProto``.  Returns them largest first.
     """
+    found = [EmbeddingTable(init.name, int(init.dims[0]), int(init.dims[1]), gathers)
+             for init, gathers in _gathered_floats(model, 2) if int(init.dims[0]) >= min_rows and int(init.dims[1]) >= 2]
+    return sorted(found, key=lambda t: -t.fp32_bytes)
+
+
+def _gathered_floats(model: Any, rank: int) -> list[tuple[Any, tuple[str, ...]]]:
+    """``(initializer, names of the Gathers reading it)`` of the float initializers of ``rank`` dimensions that are
+    no graph output and are read only (and at least once) as the data of ``Gather(axis=0)`` nodes."""
     import onnx
 
     consumers: dict[str, list[Any]] = {}
@@ -65,15 +73,29 @@ def find_embedding_tables(model: Any, min_rows: int = 1) -> list[EmbeddingTable]
     outputs = {o.name for o in model.graph.output}
     found = []
     for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2 or init.name in outputs:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != rank or init.name in outputs:
             continue
-        rows, dim = int(init.dims[0]), int(init.dims[1])
         uses = consumers.get(init.name, [])
-        if rows < min_rows or dim < 2 or not uses:
-            continue
-        if all(n.op_type == "Gather" and i == 0 and _axis(n) == 0 and n.domain in ("", "ai.onnx") for n, i in uses):
-            found.append(EmbeddingTable(init.name, rows, dim, tuple(n.name for n, _ in uses)))
-    return sorted(found, key=lambda t: -t.fp32_bytes)
+        if uses and all(n.op_type == "Gather" and i == 0 and _axis(n) == 0 and n.domain in ("", "ai.onnx")
+                        for n, i in uses):
+            found.append((init, tuple(n.name for n, _ in uses)))
+    return found
+
+
+def _replace_gathers(model: Any, old: set[str], new_inits: list[Any], replace: dict[str, list[Any]]) -> None:
+    """Drop the initializers ``old``, add ``new_inits``, and put ``replace[output]`` in place of each Gather making
+    ``output`` (in place, node order kept)."""
+    g = model.graph
+    for coll in (g.initializer, g.input, g.value_info):
+        keep = [v for v in coll if v.name not in old]
+        del coll[:]
+        coll.extend(keep)
+    g.initializer.extend(new_inits)
+    nodes = []
+    for node in g.node:
+        nodes.extend(replace.get(node.output[0], [node]) if node.op_type == "Gather" else [node])
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 #: entries per scale of a quantized weight vector (:func:`quantize_vectors`)
@@ -87,22 +109,8 @@ def find_weight_vectors(model: Any, min_rows: int = 1) -> list[EmbeddingTable]:
     hashed pair and dense bucket) is one.  Takes an ``onnx.ModelProto``; returns
     them largest first, as :class:`EmbeddingTable` with ``dim`` 1.
     """
-    import onnx
-
-    consumers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
-    outputs = {o.name for o in model.graph.output}
-    found = []
-    for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 1 or init.name in outputs:
-            continue
-        rows, uses = int(init.dims[0]), consumers.get(init.name, [])
-        if rows < min_rows or not uses:
-            continue
-        if all(n.op_type == "Gather" and i == 0 and _axis(n) == 0 and n.domain in ("", "ai.onnx") for n, i in uses):
-            found.append(EmbeddingTable(init.name, rows, 1, tuple(n.name for n, _ in uses)))
+    found = [EmbeddingTable(init.name, int(init.dims[0]), 1, gathers)
+             for init, gathers in _gathered_floats(model, 1) if int(init.dims[0]) >= min_rows]
     return sorted(found, key=lambda t: -t.fp32_bytes)
 
 
@@ -151,17 +159,7 @@ def quantize_vectors(model: Any, cfg: QuantizeConfig, block: int = VECTOR_BLOCK)
         report.append({"table": v.name, "rows": v.rows, "dim": 1, "bits": 8, "block": block, "gathers": len(v.gathers),
                        "fp32_bytes": v.fp32_bytes, "quantized_bytes": int(q.nbytes + scale.nbytes),
                        "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean())})
-    old = {v.name for v in vectors}
-    for coll in (g.initializer, g.input, g.value_info):
-        keep = [x for x in coll if x.name not in old]
-        del coll[:]
-        coll.extend(keep)
-    g.initializer.extend(new_inits)
-    nodes = []
-    for node in g.node:
-        nodes.extend(replace.get(node.output[0], [node]) if node.op_type == "Gather" else [node])
-    del g.node[:]
-    g.node.extend(nodes)
+    _replace_gathers(model, {v.name for v in vectors}, new_inits, replace)
     return model, report
 
 
@@ -238,17 +236,7 @@ def quantize_embeddings(model: Any, bits: int, cfg: QuantizeConfig) -> tuple[Any
                        "fp32_bytes": t.fp32_bytes, "quantized_bytes": int(q.nbytes + scale.nbytes),
                        "max_abs_error": float(err.max()) if err.size else 0.0,
                        "mean_abs_error": float(err.mean()) if err.size else 0.0})
-    old = {t.name for t in tables}
-    for coll in (g.initializer, g.input, g.value_info):
-        keep = [v for v in coll if v.name not in old]
-        del coll[:]
-        coll.extend(keep)
-    g.initializer.extend(new_inits)
-    nodes = []
-    for node in g.node:
-        nodes.extend(replace.get(node.output[0], [node]) if node.op_type == "Gather" else [node])
-    del g.node[:]
-    g.node.extend(nodes)
+    _replace_gathers(model, {t.name for t in tables}, new_inits, replace)
     return model, report
 
 
