@@ -52,4 +52,51 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> list[Path]:
     return [path, data]
 
 
-__all__ = ["PROTOBUF_LIMIT", "MIN_IR_VERSION", "set_ir_version", "proto_bytes", "save_model"]
+def shorten_names(model: Any) -> int:
+    """Give every internal tensor a short name and every node ``<op>_<i>``, and drop ``value_info`` (in place).
+
+    tf2onnx and the quantizers name tensors after their Keras paths
+    (``ctredge_dcnv2_1/cross_2_1/MatMul_1/ReadVariableOp:0_quantized``): on a
+    small model those names are a tenth of the file.  Graph inputs and outputs
+    keep their names (they are the serving contract); the computation is
+    unchanged (ONNX Runtime infers the shapes ``value_info`` held).  A graph
+    with subgraphs (If, Loop, Scan) is left as it is.  Returns the bytes saved.
+    """
+    g = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in g.node for a in n.attribute):
+        return 0
+    before = model.ByteSize()
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            new = _base36(len(names))
+            while new in keep:
+                new += "_"
+            names[name] = new
+        return names[name]
+
+    for init in g.initializer:
+        init.name = short(init.name)
+    for i, node in enumerate(g.node):
+        node.name = f"{node.op_type}_{i}"
+        node.input[:] = [short(x) for x in node.input]
+        node.output[:] = [short(x) for x in node.output]
+    del g.value_info[:]
+    return before - model.ByteSize()
+
+
+def _base36(i: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        i, r = divmod(i, 36)
+        out = digits[r] + out
+        if not i:
+            return "t" + out
+
+
+__all__ = ["PROTOBUF_LIMIT", "MIN_IR_VERSION", "set_ir_version", "proto_bytes", "save_model", "shorten_names"]

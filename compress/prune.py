@@ -27,6 +27,13 @@ The steps, in order:
    ``round((1 - f) * D / 2)`` and a rank-``r`` one rank ``round((1 - f) * r)``,
    so a cross layer keeps about ``1 - f`` of its kernel parameters.  A physically
    smaller model is rebuilt with ``build_model`` and the surviving weights copied.
+   The wide part (``wide_sparsity`` = w): its ``round(w * n)`` smallest-magnitude
+   weights (ids, hashed crosses, dense buckets; never the bias or the match
+   weights) are set to 0 at once.  They are fitted, non-trainable weights, so
+   the fine-tuning of the deep part (with distillation) learns around them; a
+   mostly-zero table is then stored as its non-zero rows
+   (:mod:`ctredge.compress.sparse`).  Measured on the demo dcnv2 (valid AUC,
+   no fine-tuning): 0.75650 at 0, 0.75640 at 0.75, 0.75608 at 0.9.
 3. **Unstructured** (``sparsity`` = s_f): the kernels of Dense, Conv1D, cross and
    attention layers with at least :data:`MIN_PRUNABLE` weights (never embeddings
    or biases) follow the polynomial schedule of Zhu & Gupta ("To prune, or not to
@@ -93,6 +100,7 @@ class PruneConfig:
     """Settings of one pruning run (saved as ``prune_config.json``).
 
     ``sparsity``: final fraction of zeros in each pruned kernel, in [0, 1).
+    ``wide_sparsity``: fraction of the wide part's weights zeroed by magnitude, in [0, 1).
     ``structured``: fraction of hidden units removed from each MLP layer (and of
     cross-layer kernel parameters, by rank), in [0, 1).  ``cross_rank``: force
     this rank for DCN-v2's cross layers instead (0 = derive from ``structured``).
@@ -114,6 +122,7 @@ class PruneConfig:
     structured: float = 0.5
     vocab_min_count: int = 0
     cross_rank: int = 0
+    wide_sparsity: float = 0.0
     epochs: int = 3
     batch_size: int = 1024
     learning_rate: float = 1e-3
@@ -131,7 +140,7 @@ class PruneConfig:
     distill_alphas: tuple[float, ...] = (0.0, 0.25)
 
     def __post_init__(self) -> None:
-        for name in ("sparsity", "structured"):
+        for name in ("sparsity", "structured", "wide_sparsity"):
             _check_fraction(name, getattr(self, name))
         _check_number("learning_rate", self.learning_rate, "a number > 0", lambda v: v > 0)
         for name, minimum in (("vocab_min_count", 0), ("cross_rank", 0), ("epochs", 0), ("batch_size", 1),
@@ -305,7 +314,26 @@ def shrink(model: Any, spec: FeatureSpec, model_cfg: Any, cfg: PruneConfig,
             raise ArtifactError(f"layer {layer.name!r}: weights of shapes {[w.shape for w in weights]} do not "
                                 f"fit the rebuilt layer's {want}; does model_config.json describe model.keras?")
         target.set_weights(weights)
+    report["wide"] = prune_wide(new_model, cfg.wide_sparsity)
     return new_model, new_cfg, report
+
+
+def prune_wide(model: Any, sparsity: float) -> dict[str, Any] | None:
+    """Zero the ``round(sparsity * n)`` smallest-magnitude weights of the model's wide table (in place).
+
+    Returns ``{"weights", "nonzero_before", "nonzero_after", "sparsity"}``, or None
+    when the model has no wide part or ``sparsity`` is 0.
+    """
+    from ctredge.train.wide import wide_layer
+
+    layer = wide_layer(model)
+    if layer is None or not sparsity:
+        return None
+    table = layer.table.numpy()
+    kept = np.where(magnitude_mask(table, sparsity), table, np.zeros_like(table))
+    layer.table.assign(kept)
+    return {"weights": int(table.size), "nonzero_before": int(np.count_nonzero(table)),
+            "nonzero_after": int(np.count_nonzero(kept)), "sparsity": float(sparsity)}
 
 
 def _layer(model: Any, name: str) -> Any:
@@ -525,7 +553,7 @@ def prune_trained(trained: Any, plan: DataPlan, held: HeldOut, out_dir: str | os
         metrics["dp"] = trained.manifest["metrics"]["dp"]  # the guarantee is the parent's (post-processing only)
     extra = {"model": new_cfg.model, "params": params_after, "params_before": params_before,
              "params_nonzero": nonzero, "sparsity": sparsity, "sparsity_target": cfg.sparsity,
-             "vocab_rows": report.get("vocab_rows"), "units": report["units"],
+             "vocab_rows": report.get("vocab_rows"), "units": report["units"], "wide": report.get("wide"),
              "cross_rank": report.get("cross_rank"), "train_rows": n_train}
     with staged_dir(out_dir) as tmp:
         new_model.save(tmp / MODEL_FILE)
@@ -542,5 +570,5 @@ def prune_trained(trained: Any, plan: DataPlan, held: HeldOut, out_dir: str | os
     return written, new_model
 
 
-__all__ = ["PruneConfig", "prune", "prune_trained", "shrink", "distillation_labels", "parent_bar", "polynomial_sparsity", "magnitude_mask", "count_rows",
+__all__ = ["PruneConfig", "prune", "prune_trained", "shrink", "prune_wide", "distillation_labels", "parent_bar", "polynomial_sparsity", "magnitude_mask", "count_rows",
            "vocab_remap", "unit_scores", "prunable_weights", "sparsity_of", "MagnitudePruning"]

@@ -157,7 +157,7 @@ def cmd_compress_prune(args: argparse.Namespace) -> int:
     from ctredge.compress.prune import PruneConfig, prune
 
     cfg = PruneConfig(sparsity=args.sparsity, structured=args.structured, vocab_min_count=args.vocab_min_count,
-                      epochs=args.epochs, learning_rate=args.learning_rate,
+                      wide_sparsity=args.wide_sparsity, epochs=args.epochs, learning_rate=args.learning_rate,
                       distill_alphas=_floats(args.distill_alphas) if args.distill_alphas else PruneConfig.distill_alphas,
                       verbose=1 if sys.stdout.isatty() else 2)
     m = prune(args.dir, args.out, cfg)["metrics"]
@@ -191,6 +191,7 @@ def cmd_compress_all(args: argparse.Namespace) -> int:
 
     kwargs: dict[str, Any] = {"budget": args.budget, "allow_over_budget": args.allow_over_budget,
                               "version": args.version, "vocab_min_count": args.vocab_min_count,
+                              "wide_sparsity": args.wide_sparsity,
                               "eval_data": args.eval_data, "prune_epochs": args.prune_epochs}
     if args.distill_alphas:
         kwargs["distill_alphas"] = _floats(args.distill_alphas)
@@ -365,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--sparsity", type=float, default=0.5)
     cp.add_argument("--structured", type=float, default=0.5)
     cp.add_argument("--vocab-min-count", type=int, default=0)
+    cp.add_argument("--wide-sparsity", type=float, default=0.0,
+                    help="fraction of the wide part's weights zeroed by magnitude (0 = none)")
     cp.add_argument("--epochs", type=int, default=3)
     cp.add_argument("--learning-rate", type=float, default=1e-3, help="fine-tuning learning rate")
     cp.add_argument("--distill-alphas", help="comma-separated hard-label weights alpha of the fine-tuning labels "
@@ -393,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="max |fused int8 - float-simulated| probability (default 0.01); over it a static int8 "
                          "variant is refused, even with --allow-over-budget")
     ca.add_argument("--version", type=int, default=1)
-    ca.add_argument("--vocab-min-count", type=int, default=2)
+    ca.add_argument("--vocab-min-count", type=int, default=40,
+                    help="the pruned model's embedding rows: buckets seen fewer times share their feature's row 0")
+    ca.add_argument("--wide-sparsity", type=float, default=0.9,
+                    help="fraction of the pruned model's wide-part weights zeroed by magnitude")
     ca.add_argument("--eval-data", help="evaluate the variants on every row of this held-out file of the same world "
                                         "(ctredge datagen --sample-seed) instead of the test rows; e.g. 1M rows "
                                         "resolve a 0.0005 budget")

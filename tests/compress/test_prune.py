@@ -252,6 +252,35 @@ def test_shrink_without_structured_pruning_keeps_predictions(click_log):
     assert model_summary(small)["remap"] == spec.total_buckets
 
 
+def test_wide_pruning_zeros_the_smallest_weights_and_shrink_applies_it():
+    from ctredge.compress.prune import prune_wide
+    from ctredge.train.wide import wide_layer
+
+    spec = make_spec()
+    keras.utils.set_random_seed(0)
+    cfg = ModelConfig(model="dcnv2", embedding_dim=4, cross_layers=1, mlp_units=(16,), wide=True, wide_buckets=512)
+    model = build_model(spec, cfg)
+    layer = wide_layer(model)
+    n = layer.n_rows
+    table = np.random.default_rng(0).permutation(np.arange(1, n + 1)).astype(np.float32).reshape(-1, 1)
+    table[::2] *= -1                                             # magnitude, not sign, decides
+    layer.table.assign(table)
+    layer.bias.assign(np.array([0.3], np.float32))
+    assert prune_wide(model, 0.0) is None
+    rec = prune_wide(model, 0.75)
+    kept = layer.table.numpy()
+    assert rec == {"weights": n, "nonzero_before": n, "nonzero_after": n - round(0.75 * n), "sparsity": 0.75}
+    assert np.count_nonzero(kept) == n - round(0.75 * n)
+    assert np.abs(kept[kept != 0]).min() > np.abs(table[kept == 0]).max()  # the largest |w| survive, unchanged
+    np.testing.assert_array_equal(kept[kept != 0], table[kept != 0])
+    assert float(layer.bias.numpy()[0]) == pytest.approx(0.3)                # the bias is never pruned
+    layer.table.assign(table)
+    small, _, report = shrink(model, spec, cfg, PruneConfig(structured=0.0, wide_sparsity=0.5))
+    assert report["wide"]["nonzero_after"] == n - round(0.5 * n)
+    assert np.count_nonzero(wide_layer(small).table.numpy()) == n - round(0.5 * n)
+    assert np.count_nonzero(layer.table.numpy()) == n                        # the parent is read, never changed
+
+
 def test_structured_pruning_keeps_the_strongest_units():
     spec = make_spec()
     keras.utils.set_random_seed(0)
@@ -362,6 +391,7 @@ def test_shared_embedding_with_remap_round_trips_config_and_weights():
     ("sparsity", 1.0, r"\[0, 1\)"),
     ("sparsity", -0.1, r"\[0, 1\)"),
     ("structured", "half", r"\[0, 1\)"),
+    ("wide_sparsity", 1.0, r"\[0, 1\)"),
     ("vocab_min_count", -1, "integer >= 0"),
     ("vocab_min_count", 2.5, "integer >= 0"),
     ("epochs", True, "integer >= 0"),
