@@ -11,6 +11,7 @@ resolved.  Steps (each the recipe minus, or plus, one thing):
 =================  ==========================================================
 ``recipe``         the defaults of TrainConfig and ModelConfig
 ``no-wide``        no wide part (the fitted hashed logistic regression in the graph)
+``all-pairs``      the wide part crosses every pair of fields (no screen on the valid rows)
 ``no-decay``       constant learning rate 1e-3 (the old default)
 ``batch-1024``     batch 1024 (the old default)
 ``min-count-1``    every id keeps its own embedding row
@@ -40,6 +41,7 @@ from ctredge.tables import markdown_table
 STEPS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "recipe": ({}, {}),
     "no-wide": ({}, {"wide": False}),
+    "all-pairs": ({}, {"wide_select": False}),
     "no-decay": ({"learning_rate": 1e-3, "lr_decay_epochs": 0}, {}),
     "batch-1024": ({"batch_size": 1024}, {}),
     "min-count-1": ({"min_count": 1}, {}),

@@ -71,7 +71,7 @@ def _reusable(trained: Path, exported: Path, cfg: Any, data_sha256: str) -> dict
     from ctredge.train.models import ModelConfig
 
     same_rows = [f.get("sha256") for f in manifest.get("data", {}).get("files", [])] == [data_sha256]
-    made = ("text_rows", "vocab_rows")    # set by train from the rows
+    made = ("text_rows", "vocab_rows", "wide_pairs")    # set by train from the rows
     model = {k: v for k, v in manifest["config"].get("model", {}).items() if k not in made}
     same_model = model == {k: v for k, v in config_to_dict(ModelConfig()).items() if k not in made}
     return manifest if same_rows and same_model and manifest["config"].get("train") == config_to_dict(cfg) else None

@@ -58,6 +58,10 @@ class ModelConfig:
     quantile buckets per dense value and the match features (``WideLogit``), fitted
     on the training rows before the deep part trains (:mod:`ctredge.train.wide`);
     the logit layers then start at zero, so training starts from the regression.
+    ``wide_pairs``: which pairs of fields the wide part crosses, as indices into
+    :func:`field_pairs` (None = every pair); ``wide_select``: ``ctredge train``
+    chooses them on the valid rows (:func:`ctredge.train.wide.select_pairs`) and
+    records them here, so the saved config rebuilds the same graph.
     ``text_rows`` / ``text_proj``: with text features in the spec, the rows of the
     title table (distinct training titles + 1, set by ``ctredge train``) and the
     width of each text projection, ``text_cos_scale`` what the query-title cosine is
@@ -90,6 +94,8 @@ class ModelConfig:
     wide: bool = True
     wide_buckets: int = 2 ** 18
     wide_edges: int = 15
+    wide_select: bool = True
+    wide_pairs: tuple[int, ...] | None = None
     text_rows: int = 0
     text_proj: int = 16
     text_cos_scale: float = 10.0
@@ -117,7 +123,14 @@ class ModelConfig:
         if (isinstance(self.embedding_lr_scale, bool) or not isinstance(self.embedding_lr_scale, (int, float))
                 or not 0 < self.embedding_lr_scale <= 100):
             raise ConfigError(f"embedding_lr_scale: expected a number in (0, 100], got {self.embedding_lr_scale!r}")
-        for name in ("history_attributes", "history_match", "dense_norm", "vocabulary_match", "wide"):
+        if self.wide_pairs is not None:
+            if (isinstance(self.wide_pairs, (str, bytes)) or not isinstance(self.wide_pairs, (tuple, list))
+                    or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.wide_pairs)
+                    or len(set(self.wide_pairs)) != len(self.wide_pairs)):
+                raise ConfigError(f"wide_pairs: expected null or a list of distinct pair indices >= 0, "
+                                  f"got {self.wide_pairs!r}")
+            object.__setattr__(self, "wide_pairs", tuple(sorted(self.wide_pairs)))
+        for name in ("history_attributes", "history_match", "dense_norm", "vocabulary_match", "wide", "wide_select"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         for name, allow_empty in (("mlp_units", True), ("attention_units", True), ("seed_mlp", False)):
@@ -461,12 +474,22 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig | None = None) -> keras.Mode
         match = f.matches(cfg)
         if match is not None:
             ins.append(match)
-        pairs = [(i, j) for i in range(spec.n_cat) for j in range(i + 1, spec.n_cat)] if cfg.wide_buckets else []
+        pairs = field_pairs(spec.n_cat) if cfg.wide_buckets else []
+        if cfg.wide_pairs is not None:
+            if any(k >= len(pairs) for k in cfg.wide_pairs):
+                raise ConfigError(f"wide_pairs: indices must lie below the {len(pairs)} pairs of {spec.n_cat} "
+                                  f"fields, got {list(cfg.wide_pairs)}")
+            pairs = [pairs[k] for k in cfg.wide_pairs]
         wide = L.WideLogit(spec.offsets.tolist(), spec.total_buckets, pairs, cfg.wide_buckets, spec.n_dense,
                            cfg.wide_edges, 0 if match is None else int(match.shape[-1]), name=WIDE_LOGIT)(ins)
         logit = keras.layers.Add(name="wide_sum")([logit, wide])
     ctr = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_CTR)(logit)
     return keras.Model(inputs=f.inputs, outputs=ctr, name=f"ctredge_{cfg.model}")
+
+
+def field_pairs(n_cat: int) -> list[tuple[int, int]]:
+    """Every pair ``(i, j)``, ``i < j``, of ``n_cat`` categorical fields, in the order ``wide_pairs`` indexes."""
+    return [(i, j) for i in range(n_cat) for j in range(i + 1, n_cat)]
 
 
 def model_summary(model: keras.Model) -> dict[str, int]:

@@ -17,6 +17,7 @@ Later stages re-read exactly the same held-out rows from the manifest's plan.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -129,8 +130,8 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         ConfigError: invalid settings.
     """
     from ctredge.train.data import Source, train_dataset
-    from ctredge.train.models import ModelConfig, build_model, model_summary
-    from ctredge.train.wide import fit_wide
+    from ctredge.train.models import WIDE_LOGIT, ModelConfig, build_model, model_summary
+    from ctredge.train.wide import fit_wide, select_pairs, wide_layer
 
     model_cfg = model_cfg or ModelConfig()
     if cfg.dp_epsilon is not None:
@@ -176,7 +177,15 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         from ctredge.train.text import fill_title_table
 
         fill_title_table(model, text_cfg.pop("ids"), text_cfg.pop("embeddings"))
+    pairs_record = None
+    if model_cfg.wide and model_cfg.wide_select and model_cfg.wide_pairs is None and wide_layer(model) is not None \
+            and wide_layer(model).pairs:
+        chosen, pairs_record = select_pairs(model, spec, train_rows, valid)
+        model_cfg = dataclasses.replace(model_cfg, wide_pairs=tuple(chosen))
+        model = rebuild_with(model, spec, model_cfg, skip=(WIDE_LOGIT,))
     wide = fit_wide(model, spec, train_rows, valid)
+    if wide is not None and pairs_record is not None:
+        wide["pairs"] = pairs_record
     if cfg.dp_epsilon is not None:
         compile_ctr(model, cfg.dp_learning_rate, optimizer=dp.optimizer(cfg))
     else:
@@ -294,6 +303,20 @@ def training_vocabulary(spec: FeatureSpec, model_cfg: Any, rows: Any, min_count:
     log.info("vocabulary: %d of %d embedding rows seen >= %d times in the training rows", len(kept),
              spec.total_buckets, min_count)
     return remap, dataclasses.replace(model_cfg, vocab_rows=int(len(kept)))
+
+
+def rebuild_with(model: Any, spec: FeatureSpec, model_cfg: Any, skip: tuple[str, ...] = ()) -> Any:
+    """A model built from ``model_cfg`` holding ``model``'s weights, layer by layer, except the layers in ``skip``.
+
+    For a config change that alters no weight outside ``skip`` (the wide part's pairs).
+    """
+    from ctredge.train.models import build_model
+
+    new = build_model(spec, model_cfg)
+    for layer in model.layers:
+        if layer.weights and layer.name not in skip:
+            new.get_layer(layer.name).set_weights(layer.get_weights())
+    return new
 
 
 def set_remap(model: Any, remap: np.ndarray) -> None:

@@ -33,6 +33,8 @@ C_GRID = (0.003, 0.01, 0.03)
 MAX_ROWS = 2_000_000
 #: L-BFGS iterations per strength
 MAX_ITER = 300
+#: a pair of fields is crossed when its screened step lowers the valid logloss by more than this (select_pairs)
+SELECT_MIN_GAIN = 0.0
 _CHUNK = 65_536
 
 
@@ -50,21 +52,31 @@ def _match_model(model: Any, layer: Any) -> Any:
     return keras.Model(inputs=model.inputs, outputs=layer.input[-1]) if layer.n_match else None
 
 
-def design(model: Any, batch: Batch) -> Any:
-    """The wide part's design matrix for ``batch``: scipy CSR ``[B, n_rows + n_match]`` (one-hot rows, match values)."""
-    import scipy.sparse as sp
+def columns(layer: Any, batch: Batch) -> np.ndarray:
+    """The int64 table rows the layer gathers for ``batch``: ``[B, n_cat + P + n_dense]`` (``WideLogit.columns``)."""
     import tensorflow as tf
 
-    from ctredge.train.loop import keras_predict
-
-    layer = wide_layer(model)
     n = len(batch)
     cols = []
     for start in range(0, n, _CHUNK):
         cat = tf.constant(batch.feeds[INPUT_CAT][start:start + _CHUNK])
         dense = tf.constant(batch.feeds[INPUT_DENSE][start:start + _CHUNK]) if layer.n_dense else None
         cols.append(layer.columns(cat, dense).numpy())
-    cols = np.concatenate(cols) if cols else np.zeros((0, 1), np.int64)
+    return np.concatenate(cols) if cols else np.zeros((0, 1), np.int64)
+
+
+def design(model: Any, batch: Batch, cols: np.ndarray | None = None) -> Any:
+    """The wide part's design matrix for ``batch``: scipy CSR ``[B, n_rows + n_match]`` (one-hot rows, match values).
+
+    ``cols``: the table rows to use instead of the layer's own (a subset of its columns).
+    """
+    import scipy.sparse as sp
+
+    from ctredge.train.loop import keras_predict
+
+    layer = wide_layer(model)
+    n = len(batch)
+    cols = columns(layer, batch) if cols is None else cols
     width = cols.shape[1]
     onehot = sp.csr_matrix((np.ones(n * width, np.float32), cols.reshape(-1),
                             np.arange(0, n * width + 1, width, dtype=np.int64)), shape=(n, layer.n_rows))
@@ -89,6 +101,101 @@ def _first_rows(rows: Any, spec: FeatureSpec, limit: int) -> Batch:
     return whole.take(np.arange(min(len(whole), limit))) if len(whole) > limit else whole
 
 
+def _logistic_regression() -> Any:
+    """scikit-learn's LogisticRegression class.
+
+    Raises:
+        ConfigError: scikit-learn is not installed.
+    """
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as e:
+        raise ConfigError("the wide part (ModelConfig.wide) is fitted with scikit-learn: pip install "
+                          "'ctredge[train]' (scikit-learn), or train with wide off") from e
+    return LogisticRegression
+
+
+def _fit_lr(x_train: Any, y_train: np.ndarray, x_valid: Any, valid: Batch, grid: Iterable[float]) -> tuple:
+    """L2 logistic regressions over ``grid`` (strongest first, warm-started); ``(best row, coef, intercept, table)``
+    with the best by valid logloss."""
+    lr = _logistic_regression()(solver="lbfgs", max_iter=MAX_ITER, warm_start=True)
+    best, table = None, []
+    for c in sorted(grid):
+        lr.set_params(C=c)
+        lr.fit(x_train, y_train)
+        p = lr.predict_proba(x_valid)[:, 1]
+        row = {"C": c, "valid_logloss": round(M.logloss(valid.labels, p), 6),
+               "valid_auc": round(M.auc(valid.labels, p), 6), "iterations": int(lr.n_iter_[0])}
+        table.append(row)
+        if best is None or row["valid_logloss"] < best[0]["valid_logloss"]:
+            best = (row, lr.coef_[0].copy(), float(lr.intercept_[0]))
+    assert best is not None
+    return (*best, table)
+
+
+def _logloss_from_logits(y: np.ndarray, z: np.ndarray) -> float:
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def select_pairs(model: Any, spec: FeatureSpec, rows: Any, valid: Batch, *, max_rows: int = MAX_ROWS,
+                 grid: Iterable[float] = C_GRID, min_gain: float = SELECT_MIN_GAIN) -> tuple[list[int], dict[str, Any]]:
+    """Which of the wide part's pairs of fields to cross, screened one by one on the valid rows.
+
+    A hashed cross of two fields that do not interact only adds noise: its
+    buckets are shared with every other pair's, and one L2 strength must then
+    both admit the real interactions and silence the rest.  The screen:
+
+    1. fit the regression without crosses (ids, dense buckets, matches) on the
+       training rows, the L2 strength ``C`` by valid logloss; its logits ``z``;
+    2. for each pair, one Newton step of its bucket weights from 0 on the
+       training rows, ``w_b = sum(y - p) / (sum p (1 - p) + 1 / C)`` over the rows in
+       bucket ``b`` (the L2 regression's own step), and the valid logloss of
+       ``z + w[bucket]``;
+    3. keep the pairs that lower the valid logloss by more than ``min_gain``.
+
+    Takes the built model (its ``WideLogit`` crossing every pair), the spec, the
+    training rows, the valid rows.  Returns ``(indices into the layer's pairs,
+    record for the manifest)``; the record's ``gains`` lists ``[pair, valid
+    logloss gain]`` best first.  The test rows are never read.
+    """
+    from ctredge.vocab import quantile_edges
+
+    layer = wide_layer(model)
+    t0 = time.perf_counter()
+    train = _first_rows(rows, spec, max_rows)
+    if layer.n_dense:
+        layer.edges.assign(quantile_edges(train.feeds[INPUT_DENSE], layer.n_edges))
+    n_cat, n_pairs = len(layer.offsets), len(layer.pairs)
+    cols_t, cols_v = columns(layer, train), columns(layer, valid)
+    no_pairs = np.r_[0:n_cat, n_cat + n_pairs:cols_t.shape[1]]
+    x_train, x_valid = design(model, train, cols_t[:, no_pairs]), design(model, valid, cols_v[:, no_pairs])
+    used = np.unique(x_train.indices)
+    x_train, x_valid = x_train[:, used], x_valid[:, used]
+    row, coef, intercept, _ = _fit_lr(x_train, train.labels, x_valid, valid, grid)
+    z_t = x_train @ coef + intercept
+    z_v = x_valid @ coef + intercept
+    y_t, y_v = train.labels.astype(np.float64), valid.labels.astype(np.float64)
+    p_t = 1.0 / (1.0 + np.exp(-z_t))
+    grad, hess, lam = y_t - p_t, p_t * (1.0 - p_t), 1.0 / row["C"]
+    base = _logloss_from_logits(y_v, z_v)
+    gains = []
+    for k in range(n_pairs):
+        seen, inv = np.unique(cols_t[:, n_cat + k], return_inverse=True)
+        w = np.bincount(inv, weights=grad) / (np.bincount(inv, weights=hess) + lam)
+        at = np.minimum(np.searchsorted(seen, cols_v[:, n_cat + k]), len(seen) - 1)
+        step = np.where(seen[at] == cols_v[:, n_cat + k], w[at], 0.0)
+        gains.append(base - _logloss_from_logits(y_v, z_v + step))
+    chosen = [k for k in range(n_pairs) if gains[k] > min_gain]
+    names = [f"{spec.cat[i].name} x {spec.cat[j].name}" for i, j in layer.pairs]
+    info = {"method": "one Newton step per pair on the train rows, valid logloss gain", "C": row["C"],
+            "min_gain": min_gain, "pairs": n_pairs, "chosen": [names[k] for k in chosen],
+            "gains": [[names[k], round(gains[k], 7)] for k in np.argsort(gains, kind="stable")[::-1]],
+            "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("wide part: %d of %d pairs of fields lower the valid logloss by > %g (best: %s) in %.1fs", len(chosen),
+             n_pairs, min_gain, ", ".join(name for name, _ in info["gains"][:3]), info["seconds"])
+    return chosen, info
+
+
 def fit_wide(model: Any, spec: FeatureSpec, rows: Any, valid: Batch, *, max_rows: int = MAX_ROWS,
              grid: Iterable[float] = C_GRID) -> dict[str, Any] | None:
     """Fit the model's WideLogit (when it has one) on the training ``rows``; returns what was fitted, for the manifest.
@@ -105,11 +212,7 @@ def fit_wide(model: Any, spec: FeatureSpec, rows: Any, valid: Batch, *, max_rows
     layer = wide_layer(model)
     if layer is None:
         return None
-    try:
-        from sklearn.linear_model import LogisticRegression
-    except ImportError as e:
-        raise ConfigError("the wide part (ModelConfig.wide) is fitted with scikit-learn: pip install "
-                          "'ctredge[train]' (scikit-learn), or train with wide off") from e
+    _logistic_regression()  # a clear error before any work when scikit-learn is missing
     from ctredge.vocab import quantile_edges
 
     t0 = time.perf_counter()
@@ -119,18 +222,7 @@ def fit_wide(model: Any, spec: FeatureSpec, rows: Any, valid: Batch, *, max_rows
     x_train, x_valid = design(model, train), design(model, valid)
     used = np.unique(x_train.indices)     # columns no training row sets keep weight 0 under L2
     x_train, x_valid = x_train[:, used], x_valid[:, used]
-    lr = LogisticRegression(solver="lbfgs", max_iter=MAX_ITER, warm_start=True)
-    best, table = None, []
-    for c in sorted(grid):                # strongest L2 first, each fit warm-started from the last
-        lr.set_params(C=c)
-        lr.fit(x_train, train.labels)
-        p = lr.predict_proba(x_valid)[:, 1]
-        row = {"C": c, "valid_logloss": round(M.logloss(valid.labels, p), 6),
-               "valid_auc": round(M.auc(valid.labels, p), 6), "iterations": int(lr.n_iter_[0])}
-        table.append(row)
-        if best is None or row["valid_logloss"] < best[0]["valid_logloss"]:
-            best = (row, lr.coef_[0].copy(), float(lr.intercept_[0]))
-    assert best is not None
+    *best, table = _fit_lr(x_train, train.labels, x_valid, valid, grid)
     full = np.zeros(layer.n_rows + layer.n_match, np.float32)
     full[used] = best[1]
     layer.table.assign(full[:layer.n_rows, None])
@@ -145,4 +237,4 @@ def fit_wide(model: Any, spec: FeatureSpec, rows: Any, valid: Batch, *, max_rows
     return info
 
 
-__all__ = ["C_GRID", "MAX_ROWS", "design", "fit_wide", "wide_layer"]
+__all__ = ["C_GRID", "MAX_ROWS", "SELECT_MIN_GAIN", "columns", "design", "fit_wide", "select_pairs", "wide_layer"]

@@ -108,3 +108,40 @@ def test_config_refuses_bad_wide_settings():
         ModelConfig(wide="yes")
     with pytest.raises(ConfigError, match="wide_edges"):
         ModelConfig(wide_edges=0)
+
+
+def test_the_pair_screen_keeps_the_interacting_pair_and_drops_the_noise():
+    from ctredge.train.models import field_pairs
+    from ctredge.train.wide import select_pairs
+
+    s = spec()
+    train, valid = rows(4000, 0), rows(2000, 1)
+    m = build_model(s, ModelConfig(wide=True, wide_buckets=4096, mlp_units=(8,), embedding_dim=4))
+    fill_data_layers(m, s, train)
+    chosen, info = select_pairs(m, s, train, valid, grid=(1.0,))
+    assert field_pairs(3) == [(0, 1), (0, 2), (1, 2)]
+    # user x page carries the click rule; user x item and item x page carry nothing the ids do not
+    assert chosen == [1] and info["chosen"] == ["user x page"], info
+    assert [name for name, _ in info["gains"]][0] == "user x page"
+    gains = dict(info["gains"])
+    assert gains["user x page"] > 0.05 > max(gains["user x item"], gains["item x page"])
+    assert [g for _, g in info["gains"]] == sorted(gains.values(), reverse=True)
+    # clicks without an interaction: no pair is worth crossing
+    noise = rows(4000, 0, xor=False)
+    assert select_pairs(m, s, noise, rows(2000, 1, xor=False), grid=(1.0,))[0] == []
+
+
+def test_training_records_the_chosen_pairs_and_the_saved_config_rebuilds_the_graph(tmp_path):
+    from ctredge.train.models import field_pairs
+
+    s = spec()
+    m = build_model(s, ModelConfig(wide=True, wide_buckets=512, wide_pairs=(1,), mlp_units=(8,), embedding_dim=4))
+    assert m.get_layer(WIDE_LOGIT).pairs == [list(field_pairs(3)[1])]
+    none = build_model(s, ModelConfig(wide=True, wide_buckets=512, wide_pairs=(), mlp_units=(8,), embedding_dim=4))
+    layer = none.get_layer(WIDE_LOGIT)
+    assert layer.pairs == [] and layer.n_rows == s.total_buckets + 1 * (layer.n_edges + 2)
+    with pytest.raises(ConfigError, match="below the 3 pairs"):
+        build_model(s, ModelConfig(wide=True, wide_pairs=(3,)))
+    with pytest.raises(ConfigError, match="distinct pair indices"):
+        ModelConfig(wide_pairs=(1, 1))
+    assert ModelConfig(wide_pairs=[2, 0]).wide_pairs == (0, 2)
