@@ -53,8 +53,11 @@ exact, recorded as ``index_tables``).  Then every gathered table that is
 mostly zeros (the wide part's weights, the item -> attribute table, the
 remap) is stored as its non-zero rows plus a rank index
 (:func:`ctredge.compress.sparse.compact_sparse_tables`; exact, recorded as
-``sparse_tables``).  Both apply to every variant, ``ctr-fp32`` included, so
-the bytes of every variant are compared with the same lossless storage.
+``sparse_tables``) in the variants of the pruned model (``sparse_tables``:
+``"pruned"``, the default; ``"all"`` or ``"none"``): its lookups cost
+latency, so the full model's variants keep their tables dense.  The
+narrowing and short internal names (:func:`ctredge.compress.onnxio.shorten_names`)
+apply to every variant.
 
 Pruned variants carry ``prune``: the distillation alpha chosen on valid, the
 candidate kept (``epoch 0`` = no fine-tuning) and the parent bar (the pruned
@@ -112,6 +115,8 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
 #: every cross layer and deep_dense_0 -0.00002 [-0.00004, -0.00000] at 34.7% of fp32's bytes (31.2% before).
 #: ctr-edge (the pruned model's low-rank cross layers) met the budget with nothing excluded (+0.00006).
 INT8_EXCLUDE_NODES: dict[str, tuple[str, ...]] = {"ctr-int8": ("cross_", "deep_dense_0"), "ctr-edge": ()}
+#: CompressConfig.sparse_tables: which variants store mostly-zero tables compactly
+SPARSE_TABLES = ("pruned", "all", "none")
 #: the dAUC interval's confidence level
 BOOTSTRAP_CONFIDENCE = 0.95
 #: serving-config notes for variants whose answers depend on batch-mates
@@ -134,15 +139,23 @@ class CompressConfig:
     eval_rows: int = 0  # 0 = every held-out test row
     opset: int = 17
     sparsity: float = 0.5
-    structured: float = 0.5
+    #: hidden units and cross-layer rank removed.  On the demo dcnv2 (min count 40), 0.5 with wide sparsity 0.9 gave
+    #: the pruned model valid AUC 0.76398 and 0.75 with 0.95 gave 0.76403 (parent 0.76353), judged on 200k held-out
+    #: rows: ctr-pruned +0.00018 and +0.00012, ctr-edge +0.00020 and +0.00019, both met, at 0.31x / 0.22x and
+    #: 0.114x / 0.092x of ctr-fp32's bytes (README "Compressed variants, sparse tables")
+    structured: float = 0.75
     #: buckets seen fewer times in the training rows share their feature's row 0.  The trained model already keeps
     #: ids seen 5 times (train --min-count); on the demo dcnv2 (wide part 90% pruned, no fine-tuning) valid AUC was
-    #: 0.75679 at 5 (26,515 rows), 0.75677 at 10, 0.75696 at 20 (13,455 rows), 0.75702 at 40 (7,966 rows), 0.75710
-    #: at 80 (4,348 rows): the wide part carries the rare ids.  After fine-tuning, 40 kept the parent's valid AUC
-    #: (0.75666 vs 0.75650) at 0.38x of ctr-fp32's bytes
+    #: 0.76333 at 5 (26,515 rows), 0.76332 at 10 and 20, 0.76328 at 40 (7,966 rows), 0.76320 at 80 (4,348 rows): the
+    #: wide part carries the rare ids (``python -m ctredge.benchmarks.prune_sweep RUN/trained-dcnv2``)
     vocab_min_count: int = 40
-    #: fraction of the wide part's weights zeroed by magnitude (PruneConfig.wide_sparsity; measured there)
-    wide_sparsity: float = 0.9
+    #: fraction of the wide part's weights zeroed by magnitude (PruneConfig.wide_sparsity).  The same sweep: valid
+    #: AUC 0.76353 at 0, 0.76321 at 0.75, 0.76333 at 0.9, 0.76414 at 0.95 (23,398 of 467,963 weights kept)
+    wide_sparsity: float = 0.95
+    #: which variants store their mostly-zero gathered tables compactly (ctredge.compress.sparse): "pruned" (the
+    #: variants of the pruned model, whose zeros pruning made), "all" or "none".  Not ``all`` by default: the rank
+    #: lookups cost latency (the demo dcnv2's ctr-fp32, in-process: README "Compressed variants, sparse tables")
+    sparse_tables: str = "pruned"
     prune_epochs: int = 2
     prune_learning_rate: float = 1e-3
     #: hard-label weights tried for the pruning fine-tune's distillation (compress.prune.PruneConfig)
@@ -165,6 +178,8 @@ class CompressConfig:
                               f"expected some of {list(VARIANTS)}")
         if not self.budget >= 0:
             raise ConfigError(f"compress all: budget must be >= 0, got {self.budget}")
+        if self.sparse_tables not in SPARSE_TABLES:
+            raise ConfigError(f"compress all: sparse_tables: expected one of {SPARSE_TABLES}, got {self.sparse_tables!r}")
         if not self.int8_tolerance >= 0:
             raise ConfigError(f"compress all: int8_tolerance must be >= 0, got {self.int8_tolerance}")
         if self.version < 1 or self.bootstrap < 10:
@@ -400,7 +415,8 @@ def compress_trained(trained: Any, plan: Any, held: Any, repo: str | os.PathLike
         src_path = sources[source] / "model.onnx"
         proto = _load_onnx(src_path) if kind is None else quantize(src_path, kind, calibration, _qconfig(name, kind, cfg))
         narrowed = narrow_index_tables(proto)
-        compacted = compact_sparse_tables(proto)
+        compacted = compact_sparse_tables(proto) if cfg.sparse_tables == "all" or (
+            cfg.sparse_tables == "pruned" and source == "pruned") else []
         set_metadata(proto, {"ctredge.model_name": name, "ctredge.model_version": str(cfg.version),
                              "ctredge.quantization": kind or "none"})
         p = ort_predict(proto, test.feeds)

@@ -191,7 +191,8 @@ def cmd_compress_all(args: argparse.Namespace) -> int:
 
     kwargs: dict[str, Any] = {"budget": args.budget, "allow_over_budget": args.allow_over_budget,
                               "version": args.version, "vocab_min_count": args.vocab_min_count,
-                              "wide_sparsity": args.wide_sparsity,
+                              "wide_sparsity": args.wide_sparsity, "sparse_tables": args.sparse_tables,
+                              "structured": args.structured,
                               "eval_data": args.eval_data, "prune_epochs": args.prune_epochs}
     if args.distill_alphas:
         kwargs["distill_alphas"] = _floats(args.distill_alphas)
@@ -217,7 +218,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     run_pipeline(PipelineConfig(out=args.out, rows=args.rows, seed=args.seed, models=tuple(args.models.split(",")),
                                 epochs=args.epochs, force=args.force, skip_compress=args.skip_compress,
                                 skip_bench=args.skip_bench, full=args.full, bench_seconds=args.bench_seconds,
-                                ceiling=not args.no_ceiling, eval_data=args.eval_data,
+                                ceiling=not args.no_ceiling, eval_data=args.eval_data, eval_rows=args.eval_rows,
                                 dp_epsilons=_epsilons(args.dp_epsilons)),
                  progress=_progress_bar("datagen"))
     return 0
@@ -398,8 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--version", type=int, default=1)
     ca.add_argument("--vocab-min-count", type=int, default=40,
                     help="the pruned model's embedding rows: buckets seen fewer times share their feature's row 0")
-    ca.add_argument("--wide-sparsity", type=float, default=0.9,
+    ca.add_argument("--wide-sparsity", type=float, default=0.95,
                     help="fraction of the pruned model's wide-part weights zeroed by magnitude")
+    ca.add_argument("--structured", type=float, default=0.75,
+                    help="fraction of the pruned model's hidden units (and cross-layer rank) removed")
+    ca.add_argument("--sparse-tables", choices=("pruned", "all", "none"), default="pruned",
+                    help="which variants store mostly-zero tables as their non-zero rows + a rank index (exact; "
+                         "costs latency): the pruned model's (default), all, none")
     ca.add_argument("--eval-data", help="evaluate the variants on every row of this held-out file of the same world "
                                         "(ctredge datagen --sample-seed) instead of the test rows; e.g. 1M rows "
                                         "resolve a 0.0005 budget")
@@ -429,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip datagen's learnable ceiling (a logistic regression, about a minute on 200k rows)")
     pl.add_argument("--eval-data", help="judge the variants on this held-out file of the same world "
                                         "(ctredge datagen --seed S --sample-seed T), e.g. 1M rows")
+    pl.add_argument("--eval-rows", type=int, default=200_000,
+                    help="without --eval-data: rows of a held-out file of the same world that datagen draws to judge "
+                         "the variants on (0 = the test rows)")
     pl.add_argument("--dp-epsilons", default="1,3,8",
                     help="DP-SGD models of the first architecture, one per epsilon, scored beside the full model "
                          "in the bench's accuracy table (comma-separated; 'none' for none)")

@@ -12,13 +12,17 @@ pytestmark = pytest.mark.slow
 def test_pipeline_tiny(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["pipeline", "--out", str(out), "--rows", "8000", "--models", "dcnv2,seed", "--epochs", "1",
-            "--dp-epsilons", "2,8"]
+            "--dp-epsilons", "2,8", "--eval-rows", "6000"]
     assert main(args + ["--bench-seconds", "0.3"]) == 0
     printed = capsys.readouterr().out
     report = (out / "report.md").read_text()
     for name in ("| dcnv2 |", "| seed |", "Bayes-optimal", "| ctr-fp32 |", "| ctr-edge |", "| ctr-int8 |"):
         assert name in report and name in printed
-    assert (out / "repository" / "index.json").is_file()
+    index = json.loads((out / "repository" / "index.json").read_text())
+    # the variants are judged on a held-out file of the same world that the pipeline drew (another sample seed)
+    assert index["reference"]["rows_source"] == "eval file" and index["reference"]["test_rows"] == 6000
+    truth = json.loads((out / "data" / "held-out.truth.json").read_text())
+    assert truth["seed"] == 0 and truth["sample_seed"] == 1000 and truth["rows"] == 6000
     bench = (out / "bench" / "report.md").read_text()
     for section in ("## Summary", "## Accuracy", "## In-process latency", "## gRPC end to end", "## Footprint",
                     "## Peer: PyTriton", "## GPU", "## Targets"):
