@@ -86,8 +86,10 @@ def fold_files(data: str, out: Path, folds: int, seed: int, valid_fraction: floa
 
 def run(data: str, out: str, *, spec: str | None = None, buckets: int = 100_000, folds: int = 5,
         models: Sequence[str] = ("dcnv2",), seed: int = 0, valid_fraction: float = 0.125,
-        epochs: int | None = None) -> dict[str, Any]:
+        epochs: int | None = None, all_pairs: bool = False) -> dict[str, Any]:
     """Train ``models`` and the baselines on every fold; return (and write) the figures.
+
+    ``all_pairs``: the wide part crosses every pair of fields (``ModelConfig.wide_select`` off).
 
     Writes ``OUT/kfold.json`` and ``OUT/kfold.md``.  Raises what training raises.
     """
@@ -115,7 +117,7 @@ def run(data: str, out: str, *, spec: str | None = None, buckets: int = 100_000,
             cfg = TrainConfig(data=(paths["train"],), valid=(paths["valid"],), test=(paths["test"],), spec=spec,
                               criteo_buckets=buckets, out=str(out_dir / f"fold-{k}" / f"trained-{name}"),
                               seed=seed, verbose=0, **kwargs)
-            manifest = train(cfg, ModelConfig(model=name))
+            manifest = train(cfg, ModelConfig(model=name, wide_select=not all_pairs))
             model, _, _ = load_trained(cfg.out)
             p = keras_predict(model, test.feeds)
             preds[name].append(p)
@@ -178,11 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--all-pairs", action="store_true", help="the wide part crosses every pair (no screen)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = run(args.data, args.out, spec=args.spec, buckets=args.buckets, folds=args.folds,
-                     models=[m for m in args.models.split(",") if m], seed=args.seed, epochs=args.epochs)
+                     models=[m for m in args.models.split(",") if m], seed=args.seed, epochs=args.epochs,
+                     all_pairs=args.all_pairs)
     except CtrEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -130,8 +130,8 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         ConfigError: invalid settings.
     """
     from ctredge.train.data import Source, train_dataset
-    from ctredge.train.models import WIDE_LOGIT, ModelConfig, build_model, model_summary
-    from ctredge.train.wide import fit_wide, select_pairs, wide_layer
+    from ctredge.train.models import ModelConfig, build_model, model_summary
+    from ctredge.train.wide import SELECT_MIN_VALID_ROWS, fit_wide, wide_layer
 
     model_cfg = model_cfg or ModelConfig()
     if cfg.dp_epsilon is not None:
@@ -177,15 +177,16 @@ def train(cfg: TrainConfig, model_cfg: Any = None) -> dict[str, Any]:
         from ctredge.train.text import fill_title_table
 
         fill_title_table(model, text_cfg.pop("ids"), text_cfg.pop("embeddings"))
-    pairs_record = None
-    if model_cfg.wide and model_cfg.wide_select and model_cfg.wide_pairs is None and wide_layer(model) is not None \
-            and wide_layer(model).pairs:
-        chosen, pairs_record = select_pairs(model, spec, train_rows, valid)
-        model_cfg = dataclasses.replace(model_cfg, wide_pairs=tuple(chosen))
-        model = rebuild_with(model, spec, model_cfg, skip=(WIDE_LOGIT,))
-    wide = fit_wide(model, spec, train_rows, valid)
-    if wide is not None and pairs_record is not None:
-        wide["pairs"] = pairs_record
+    screen = model_cfg.wide and model_cfg.wide_select and model_cfg.wide_pairs is None \
+        and wide_layer(model) is not None and bool(wide_layer(model).pairs)
+    if screen and len(valid) < SELECT_MIN_VALID_ROWS:
+        log.info("wide part: every pair crossed: the pair screen needs >= %d valid rows, this data has %d",
+                 SELECT_MIN_VALID_ROWS, len(valid))
+        screen = False
+    if screen:
+        model, model_cfg, wide = screened_wide_part(model, spec, model_cfg, train_rows, valid)
+    else:
+        wide = fit_wide(model, spec, train_rows, valid)
     if cfg.dp_epsilon is not None:
         compile_ctr(model, cfg.dp_learning_rate, optimizer=dp.optimizer(cfg))
     else:
@@ -303,6 +304,34 @@ def training_vocabulary(spec: FeatureSpec, model_cfg: Any, rows: Any, min_count:
     log.info("vocabulary: %d of %d embedding rows seen >= %d times in the training rows", len(kept),
              spec.total_buckets, min_count)
     return remap, dataclasses.replace(model_cfg, vocab_rows=int(len(kept)))
+
+
+def screened_wide_part(model: Any, spec: FeatureSpec, model_cfg: Any, rows: Any, valid: Any) -> tuple[Any, Any, dict]:
+    """The wide part with the pairs :func:`ctredge.train.wide.select_pairs` keeps, if that beats every pair on valid.
+
+    Fits the wide part twice, crossing every pair and crossing the screened
+    pairs, and keeps the one with the lower valid logloss (the screen's one-step
+    gains are noisy on a small valid part, where it can drop pairs that help).
+    Returns ``(model, model_cfg with wide_pairs, the fit record)``; the record's
+    ``pairs`` holds the screen, the all-pairs fit and which was kept.
+    """
+    from ctredge.train.models import WIDE_LOGIT
+    from ctredge.train.wide import fit_wide, select_pairs, wide_layer
+
+    chosen, screen = select_pairs(model, spec, rows, valid)
+    every = fit_wide(model, spec, rows, valid)
+    screened_cfg = dataclasses.replace(model_cfg, wide_pairs=tuple(chosen))
+    screened = rebuild_with(model, spec, screened_cfg, skip=(WIDE_LOGIT,))
+    wide = fit_wide(screened, spec, rows, valid)
+    keep = wide["valid_logloss"] <= every["valid_logloss"]
+    screen["every_pair"] = {k: every[k] for k in ("C", "valid_auc", "valid_logloss")}
+    screen["kept"] = "screened" if keep else "every pair"
+    log.info("wide part: %s kept (valid logloss %.6f screened, %.6f every pair)", screen["kept"],
+             wide["valid_logloss"], every["valid_logloss"])
+    if not keep:
+        every_cfg = dataclasses.replace(model_cfg, wide_pairs=tuple(range(len(wide_layer(model).pairs))))
+        return model, every_cfg, {**every, "pairs": screen}
+    return screened, screened_cfg, {**wide, "pairs": screen}
 
 
 def rebuild_with(model: Any, spec: FeatureSpec, model_cfg: Any, skip: tuple[str, ...] = ()) -> Any:

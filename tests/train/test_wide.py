@@ -145,3 +145,56 @@ def test_training_records_the_chosen_pairs_and_the_saved_config_rebuilds_the_gra
     with pytest.raises(ConfigError, match="distinct pair indices"):
         ModelConfig(wide_pairs=(1, 1))
     assert ModelConfig(wide_pairs=[2, 0]).wide_pairs == (0, 2)
+
+
+def test_the_screened_pairs_are_kept_only_when_they_beat_every_pair_on_valid():
+    from ctredge.train.train import screened_wide_part
+
+    s = spec()
+    for xor in (True, False):
+        train, valid = rows(4000, 0, xor=xor), rows(2000, 1, xor=xor)
+        cfg = ModelConfig(wide=True, wide_buckets=4096, mlp_units=(8,), embedding_dim=4)
+        m = build_model(s, cfg)
+        fill_data_layers(m, s, train)
+        model, new_cfg, record = screened_wide_part(m, s, cfg, train, valid)
+        layer = model.get_layer(WIDE_LOGIT)
+        screen = record["pairs"]
+        assert screen["kept"] in ("screened", "every pair") and "valid_logloss" in screen["every_pair"]
+        if screen["kept"] == "screened":
+            assert record["valid_logloss"] <= screen["every_pair"]["valid_logloss"]
+            assert [list(p) for p in layer.pairs] == [[a, b] for a, b in (build_model(s, cfg).get_layer(
+                WIDE_LOGIT).pairs[k] for k in new_cfg.wide_pairs)]
+        else:
+            assert record["valid_logloss"] < 1e9 and new_cfg.wide_pairs == (0, 1, 2) and len(layer.pairs) == 3
+        # the graph computes the regression that was fitted
+        assert record["valid_auc"] == pytest.approx(M.auc(valid.labels, keras_predict(
+            keras.Model(model.inputs, layer.output), valid.feeds).reshape(-1)), abs=2e-6)  # rounded to 6 places
+        if xor:  # the interaction's pair beats crossing every pair
+            assert screen["kept"] == "screened" and 1 in new_cfg.wide_pairs and len(new_cfg.wide_pairs) < 3
+
+
+@pytest.mark.slow
+def test_train_screens_the_pairs_with_enough_valid_rows_and_records_them(tmp_path, monkeypatch):
+    import json
+
+    import ctredge.train.wide as W
+    from ctredge.datagen import generate
+    from ctredge.train.train import TrainConfig, load_trained, train
+
+    data = tmp_path / "clicks.tsv"
+    generate(str(data), rows=3000, seed=0, history=True, click_rate=0.2)
+    cfg = ModelConfig(model="dcnv2", embedding_dim=4, cross_layers=1, mlp_units=(8,), wide=True, wide_buckets=2048)
+
+    def run(out):
+        train(TrainConfig(data=(str(data),), out=str(out), epochs=1, verbose=0, split_valid=0.15, split_test=0.15), cfg)
+        return json.loads((out / "manifest.json").read_text()), json.loads((out / "model_config.json").read_text())
+
+    manifest, saved = run(tmp_path / "small")          # 450 valid rows: too few to screen, every pair crossed
+    assert saved["wide_pairs"] is None and "pairs" not in manifest["metrics"]["wide"]
+    monkeypatch.setattr(W, "SELECT_MIN_VALID_ROWS", 100)
+    manifest, saved = run(tmp_path / "screened")
+    screen = manifest["metrics"]["wide"]["pairs"]
+    assert screen["kept"] in ("screened", "every pair") and len(screen["gains"]) == 55
+    assert saved["wide_pairs"] is not None
+    model = load_trained(tmp_path / "screened")[0]
+    assert len(model.get_layer(WIDE_LOGIT).pairs) == len(saved["wide_pairs"])
