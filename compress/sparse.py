@@ -180,12 +180,14 @@ def compact_sparse_tables(proto: Any, min_rows: int = MIN_ROWS, min_saving: floa
             encoding, after = "rows", index.nbytes + values.nbytes
         if after > (1 - min_saving) * table.nbytes:
             continue
-        base = writer.add_index(init.name, index)
+        extra = {"starts": starts.astype(np.int64), "defaults": defaults.astype(np.int64)} if remap is not None \
+            else {"values": values, "zero_row": np.array(index.kept, np.int64)}
+        names = writer.add_table(init.name, index, extra)
         for node, _ in users:
             if remap is not None:
-                writer.remap_gather(node, base, index, starts, defaults, table.dtype)
+                writer.remap_gather(node, names, table.dtype)
             else:
-                writer.rows_gather(node, base, index, values)
+                writer.rows_gather(node, names)
         drop.add(init.name)
         done.append({"name": init.name, "encoding": encoding, "rows": int(table.shape[0]), "kept_rows": index.kept,
                      "dtype": str(table.dtype), "bytes_before": int(table.nbytes), "bytes_after": int(after),
@@ -218,72 +220,62 @@ class _Writer:
             self.shared[key] = self.tensor(f"ctredge_sparse_{key}", value)
         return self.shared[key]
 
-    def add_index(self, table: str, index: RankIndex) -> str:
-        base = self.fresh(table.replace(":", "_").replace("/", "_") + "_sparse")
-        for key in ("bits", "within", "base"):
-            self.tensor(f"{base}_{key}", getattr(index, key))
-        return base
+    def add_table(self, table: str, index: RankIndex, extra: dict[str, np.ndarray]) -> dict[str, str]:
+        """The initializers of one compacted table (its rank index and ``extra``); returns their names by key."""
+        base = table.replace(":", "_").replace("/", "_") + "_sparse"
+        arrays = {"bits": index.bits, "within": index.within, "base": index.base, **extra}
+        return {key: self.tensor(f"{base}_{key}", value) for key, value in arrays.items()}
 
-    def _rank(self, node: Any, base: str) -> tuple[list[Any], Any, str, str, str]:
-        """Nodes computing ``(is stored, rank)`` of the node's ids; returns (nodes, mk, ids64, is, rank)."""
+    def _rank(self, node: Any, t: dict[str, str]) -> tuple[list[Any], Any, str, str, str]:
+        """Nodes computing whether each of the node's ids is stored, and its rank.
+
+        Returns ``(nodes, add, ids as int64, stored, rank)``; ``add(op, inputs, **attrs)`` appends one more node to
+        ``nodes`` and returns its output's name.
+        """
         from onnx import TensorProto, helper
 
         p = self.fresh(f"{node.name or node.output[0]}/sparse")
+        nodes: list[Any] = []
 
-        def mk(op: str, ins: list[str], **attrs: Any) -> tuple[Any, str]:
+        def add(op: str, ins: list[str], **attrs: Any) -> str:
             out = self.fresh(f"{p}/{op.lower()}_out")
-            return helper.make_node(op, ins, [out], name=self.fresh(f"{p}/{op.lower()}"), **attrs), out
+            nodes.append(helper.make_node(op, ins, [out], name=self.fresh(f"{p}/{op.lower()}"), **attrs))
+            return out
 
         c8, c2, c1 = (self.const(k, np.array(v, np.int64)) for k, v in (("eight", 8), ("two", 2), ("one", 1)))
         block = self.const("block", np.array(RANK_BLOCK, np.int64))
-        nodes = []
-
-        def add(op: str, ins: list[str], **attrs: Any) -> str:
-            n, out = mk(op, ins, **attrs)
-            nodes.append(n)
-            return out
-
         i64 = TensorProto.INT64
         ids = add("Cast", [node.input[1]], to=i64)
         k, b, blk = add("Div", [ids, c8]), add("Mod", [ids, c8]), add("Div", [ids, block])
-        byte = add("Cast", [add("Gather", [f"{base}_bits", k], axis=0)], to=i64)
+        byte = add("Cast", [add("Gather", [t["bits"], k], axis=0)], to=i64)
         pw = add("Gather", [self.const("pow2", _POW2), b], axis=0)
         stored = add("Equal", [add("Mod", [add("Div", [byte, pw]), c2]), c1])
         pop = add("Cast", [add("Gather", [self.const("popcount", _POPCOUNT), add("Mod", [byte, pw])], axis=0)], to=i64)
-        first = add("Cast", [add("Gather", [f"{base}_base", blk], axis=0)], to=i64)
-        inside = add("Cast", [add("Gather", [f"{base}_within", k], axis=0)], to=i64)
+        first = add("Cast", [add("Gather", [t["base"], blk], axis=0)], to=i64)
+        inside = add("Cast", [add("Gather", [t["within"], k], axis=0)], to=i64)
         rank = add("Add", [add("Add", [first, inside]), pop])
         return nodes, add, ids, stored, rank
 
-    def rows_gather(self, node: Any, base: str, index: RankIndex, values: np.ndarray) -> None:
+    def rows_gather(self, node: Any, t: dict[str, str]) -> None:
         """``Gather(T, ids)`` -> ``Gather(values, stored ? rank : kept)``."""
         from onnx import helper
 
-        nodes, add, _, stored, rank = self._rank(node, base)
-        vals = self.shared.get(f"{base}/values") or self.tensor(f"{base}_values", values)
-        zero = self.shared.get(f"{base}/zero") or self.tensor(f"{base}_zero_row", np.array(index.kept, np.int64))
-        self.shared[f"{base}/values"], self.shared[f"{base}/zero"] = vals, zero
-        row = add("Where", [stored, rank, zero])
-        nodes.append(helper.make_node("Gather", [vals, row], [node.output[0]], name=self.fresh(f"{base}/gather"),
-                                      axis=0))
+        nodes, add, _, stored, rank = self._rank(node, t)
+        row = add("Where", [stored, rank, t["zero_row"]])
+        nodes.append(helper.make_node("Gather", [t["values"], row], [node.output[0]],
+                                      name=self.fresh(f"{t['values']}/gather"), axis=0))
         self.replace[node.output[0]] = nodes
 
-    def remap_gather(self, node: Any, base: str, index: RankIndex, starts: np.ndarray, defaults: np.ndarray,
-                     dtype: np.dtype) -> None:
+    def remap_gather(self, node: Any, t: dict[str, str], dtype: np.dtype) -> None:
         """``Gather(remap, ids)`` -> ``stored ? rank : defaults[#(starts <= ids) - 1]`` in the table's type."""
-        from onnx import helper
+        from onnx import TensorProto, helper
 
-        nodes, add, ids, stored, rank = self._rank(node, base)
-        st = self.shared.get(f"{base}/starts") or self.tensor(f"{base}_starts", starts.astype(np.int64))
-        df = self.shared.get(f"{base}/defaults") or self.tensor(f"{base}_defaults", defaults.astype(np.int64))
-        self.shared[f"{base}/starts"], self.shared[f"{base}/defaults"] = st, df
+        nodes, add, ids, stored, rank = self._rank(node, t)
         last = self.const("last_axis", np.array([-1], np.int64))
-        from onnx import TensorProto
-
-        above = add("Cast", [add("GreaterOrEqual", [add("Unsqueeze", [ids, last]), st])], to=TensorProto.INT64)
+        above = add("Cast", [add("GreaterOrEqual", [add("Unsqueeze", [ids, last]), t["starts"]])], to=TensorProto.INT64)
         run = add("Sub", [add("ReduceSum", [above, last], keepdims=0), self.const("one", np.array(1, np.int64))])
-        value = add("Where", [stored, rank, add("Gather", [df, run], axis=0)])
-        nodes.append(helper.make_node("Cast", [value], [node.output[0]], name=self.fresh(f"{base}/cast"),
+        value = add("Where", [stored, rank, add("Gather", [t["defaults"], run], axis=0)])
+        nodes.append(helper.make_node("Cast", [value], [node.output[0]], name=self.fresh(f"{t['defaults']}/cast"),
                                       to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype))))
         self.replace[node.output[0]] = nodes
 
